@@ -1,0 +1,85 @@
+"""Conventional label smoothing computed densely, the way the SparseLSR paper's baseline does it.
+
+The smoothed target distribution q_j = eps/C + (1 - eps)[j = y] is built as an N x C tensor,
+multiplied with log_softmax and summed over classes. Kept deliberately dense to reproduce the
+paper's comparison. Per call it allocates, for M rows of C classes (in float32 for half inputs,
+plus one float32 copy of the logits):
+  - log_softmax: M x C, kept by autograd for the backward pass;
+  - q: M x C, kept by autograd (the product's gradient with respect to log_softmax);
+  - q * log_softmax (times the class weights, if given): M x C, freed after the sum.
+So the forward pass peaks at about three times the logits, where `F.cross_entropy` needs one.
+(The paper's own baseline built q from an int64 one-hot, one more M x C tensor of 8-byte integers;
+this version builds q in the compute dtype directly.)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lsr._common import as_rows, check_reduction, check_smoothing, check_weight, compute_dtype, reduce_rows
+
+
+def dense_label_smoothing(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    smoothing: float = 0.0,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    *,
+    weight: torch.Tensor | None = None,
+    validate_targets: bool | None = None,
+) -> torch.Tensor:
+    """Exact label smoothing, -sum_j w_j q_j log p_j, from a dense N x C target distribution.
+
+    Same arguments and conventions as `F.cross_entropy(..., label_smoothing=smoothing)`, including
+    class `weight` (the mean then divides by the sum of the targets' weights).
+
+    Example:
+        >>> z = torch.tensor([[2.0, 0.5, -1.0]])
+        >>> y = torch.tensor([0])
+        >>> round(dense_label_smoothing(z, y, smoothing=0.1).item(), 4)
+        0.3546
+    """
+    smoothing, reduction = check_smoothing(smoothing), check_reduction(reduction)
+    rows = as_rows(input, target, ignore_index, validate_targets=validate_targets)
+    check_weight(weight, rows.num_classes, rows.logits.device)
+    C = rows.num_classes
+    log_p = F.log_softmax(rows.logits.to(compute_dtype(rows.logits.dtype)), dim=1)
+    q = torch.full_like(log_p, smoothing / C)
+    q.scatter_(1, rows.safe_target.unsqueeze(1), 1 - smoothing + smoothing / C)
+    if weight is None:
+        return reduce_rows(-(q * log_p).sum(dim=1), rows, reduction, input.dtype)
+    weight = weight.to(log_p.dtype)
+    row_loss = -(weight * q * log_p).sum(dim=1)
+    return reduce_rows(row_loss, rows, reduction, input.dtype, row_weight=weight[rows.safe_target])
+
+
+class LSRLoss(torch.nn.Module):
+    """Dense label smoothing as a module (the paper's baseline).
+
+    Example:
+        >>> loss_fn = LSRLoss(smoothing=0.1)
+        >>> loss = loss_fn(torch.randn(8, 10), torch.randint(0, 10, (8,)))
+    """
+
+    def __init__(
+        self,
+        smoothing: float = 0.0,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        weight: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        self.smoothing = check_smoothing(smoothing)
+        self.reduction = check_reduction(reduction)
+        self.ignore_index = ignore_index
+        self.register_buffer("weight", weight)
+
+    def forward(self, y_pred: torch.Tensor, y_target: torch.Tensor) -> torch.Tensor:
+        return dense_label_smoothing(
+            y_pred, y_target, self.smoothing, self.reduction, self.ignore_index, weight=self.weight
+        )
+
+    def extra_repr(self) -> str:
+        return f"smoothing={self.smoothing}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"

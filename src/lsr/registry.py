@@ -1,0 +1,101 @@
+"""The named loss implementations: the one list that tests, benchmarks and the CLI read.
+
+Each entry says what it computes (exact label smoothing or SparseLSR), which float64 reference it
+must agree with, which devices it runs on and whether it takes class weights. Implementations that
+need optional packages (Triton) say so through `is_available`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from lsr.dense import dense_label_smoothing
+from lsr.native import native_label_smoothing
+from lsr.reference import exact_reference, sparse_reference
+from lsr.sparse import sparse_label_smoothing
+
+LossFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Implementation:
+    name: str
+    loss: LossFn  # loss(input, target, smoothing, reduction, ignore_index[, weight=])
+    smoothing_kind: str  # "exact" or "sparse": the function it computes
+    devices: tuple[str, ...]  # device types it runs on
+    supports_weight: bool
+    min_classes: int
+    description: str
+    is_available: Callable[[str], bool] = field(default=lambda device: True)
+
+    @property
+    def reference(self) -> LossFn:
+        return exact_reference if self.smoothing_kind == "exact" else sparse_reference
+
+    def runs_on(self, device: str | torch.device) -> bool:
+        device_type = torch.device(device).type
+        return device_type in self.devices and self.is_available(device_type)
+
+
+REGISTRY: dict[str, Implementation] = {}
+
+
+def register(impl: Implementation) -> Implementation:
+    if impl.smoothing_kind not in ("exact", "sparse"):
+        raise ValueError(f"smoothing_kind must be 'exact' or 'sparse', got {impl.smoothing_kind!r}")
+    if impl.name in REGISTRY:
+        raise ValueError(f"an implementation named {impl.name!r} is already registered")
+    REGISTRY[impl.name] = impl
+    return impl
+
+
+def get(name: str) -> Implementation:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown implementation {name!r}; registered: {', '.join(REGISTRY)}") from None
+
+
+def available(device: str | torch.device = "cpu") -> list[Implementation]:
+    """The registered implementations that run on `device` here."""
+    return [impl for impl in REGISTRY.values() if impl.runs_on(device)]
+
+
+ALL_DEVICES = ("cpu", "cuda", "mps")
+
+register(
+    Implementation(
+        name="native",
+        loss=native_label_smoothing,
+        smoothing_kind="exact",
+        devices=ALL_DEVICES,
+        supports_weight=True,
+        min_classes=1,
+        description="PyTorch F.cross_entropy(label_smoothing=)",
+    )
+)
+register(
+    Implementation(
+        name="dense",
+        loss=dense_label_smoothing,
+        smoothing_kind="exact",
+        devices=ALL_DEVICES,
+        supports_weight=True,
+        min_classes=1,
+        description="N x C smoothed targets times log_softmax (the paper's baseline)",
+    )
+)
+register(
+    Implementation(
+        name="sparse",
+        loss=sparse_label_smoothing,
+        smoothing_kind="sparse",
+        devices=ALL_DEVICES,
+        supports_weight=False,
+        min_classes=2,
+        description="SparseLSR, equation 15, eager PyTorch",
+    )
+)

@@ -158,4 +158,3 @@ def reduce_rows(
     else:
         denominator = torch.where(rows.valid, row_weight, torch.zeros_like(row_weight)).sum()
     return (total / denominator).to(out_dtype)
-

@@ -39,7 +39,7 @@ def dense_label_smoothing(
         >>> z = torch.tensor([[2.0, 0.5, -1.0]])
         >>> y = torch.tensor([0])
         >>> round(dense_label_smoothing(z, y, smoothing=0.1).item(), 4)
-        0.3546
+        0.3913
     """
     smoothing, reduction = check_smoothing(smoothing), check_reduction(reduction)
     rows = as_rows(input, target, ignore_index, validate_targets=validate_targets)

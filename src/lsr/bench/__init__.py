@@ -1,0 +1,1 @@
+"""The benchmark: what is measured (grid), how (measure), the sweep (runner), its data (results) and charts (plot)."""

@@ -1,0 +1,5 @@
+import sys
+
+from lsr.bench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,243 @@
+"""Measuring one case: inputs, the timed pass, time, peak memory and the correctness gate.
+
+How (see NOTES section 5): device work is synchronised before the clock is read; warm-up runs come
+first; the number of runs is chosen by time, not fixed; the median and interquartile range are
+reported with the run and thread counts. Peak memory is the peak of bytes allocated above what
+existed before the pass: `torch.cuda.max_memory_allocated` on CUDA, and on CPU its exact twin, a
+running sum over the profiler's allocation and free events in time order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+import lsr
+from lsr.bench.grid import DTYPES, Case
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+@dataclass
+class Problem:
+    """Random logits (normal, never zeros) and targets for one size, made once and reused by its cases."""
+
+    logits: torch.Tensor  # (batch, classes), requires_grad
+    target: torch.Tensor
+
+    @classmethod
+    def make(cls, case: Case, logit_std: float = 2.0, seed: int = 0) -> Problem:
+        device = torch.device(case.device)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        logits = torch.randn(case.batch, case.classes, generator=gen) * logit_std
+        target = torch.randint(0, case.classes, (case.batch,), generator=gen)
+        logits = logits.to(device=device, dtype=DTYPES[case.dtype]).requires_grad_(True)
+        return cls(logits, target.to(device))
+
+
+class Pass:
+    """The callable a case times: forward, backward or both, for an implementation or the floor.
+
+    forward: the loss with autograd recording, as in training (saved tensors count in its memory).
+    backward: `torch.autograd.grad` of a graph built beforehand (kept between runs, not timed).
+    The gradient is returned, never accumulated into `.grad`, so repeated runs do the same work.
+    """
+
+    def __init__(self, case: Case, problem: Problem, loss_fn: Callable | None = None):
+        self.case, self.problem = case, problem
+        self.device = problem.logits.device
+        if case.is_floor:
+            self.buffer = torch.empty_like(problem.logits, requires_grad=False)
+            self.run = self._floor
+            return
+        self.loss_fn = loss_fn or lsr.get(case.implementation).loss
+        self.run = {"forward": self._forward, "backward": self._backward, "forward+backward": self._both}[
+            case.pass_
+        ]
+        if case.pass_ == "backward":
+            self.setup_backward()
+
+    def _loss(self) -> torch.Tensor:
+        return self.loss_fn(self.problem.logits, self.problem.target, self.case.smoothing, "mean")
+
+    def setup_backward(self) -> None:
+        self.loss = self._loss()
+
+    def _floor(self):
+        with torch.no_grad():
+            return torch.exp(self.problem.logits, out=self.buffer)
+
+    def _forward(self):
+        return self._loss()
+
+    def _backward(self):
+        return torch.autograd.grad(self.loss, self.problem.logits, retain_graph=True)
+
+    def _both(self):
+        return torch.autograd.grad(self._loss(), self.problem.logits)
+
+    def __call__(self):
+        out = self.run()
+        synchronize(self.device)
+        return out
+
+
+@dataclass
+class Timing:
+    median_s: float
+    iqr_s: float
+    runs: int
+    threads: int
+
+
+def time_pass(
+    fn: Callable[[], object], min_time: float = 0.5, min_samples: int = 7, max_time: float = 20.0
+) -> Timing:
+    """Median and IQR of one call's time; `fn` synchronises the device itself.
+
+    Warm-up: until a call has been made twice (allocator, lazy initialisation, compilation). Each
+    sample then runs a block of calls long enough (>= 1 ms) for the clock to resolve, and samples are
+    taken until both `min_samples` and `min_time` are reached, or `max_time` passes with 3 samples.
+    """
+    fn()
+    start = time.perf_counter()
+    fn()
+    one_call = time.perf_counter() - start
+    per_block = max(1, int(1e-3 / max(one_call, 1e-9)))
+    samples: list[float] = []
+    began = time.perf_counter()
+    while True:
+        start = time.perf_counter()
+        for _ in range(per_block):
+            fn()
+        samples.append((time.perf_counter() - start) / per_block)
+        elapsed = time.perf_counter() - began
+        if (len(samples) >= min_samples and elapsed >= min_time) or (
+            elapsed >= max_time and len(samples) >= 3
+        ):
+            break
+    quartiles = statistics.quantiles(samples, n=4, method="inclusive")
+    return Timing(
+        statistics.median(samples),
+        quartiles[2] - quartiles[0],
+        len(samples) * per_block,
+        torch.get_num_threads(),
+    )
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """The profiler's C++ side prints start/stop lines to fd 2; keep them off the progress bar."""
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    """Exact peak of CPU tensor bytes allocated above the start while `fn` runs (results kept alive)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    del result  # freed after the profile: what the pass returns counts in its peak
+    events = [
+        e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == 0
+    ]
+    current = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        current += event.nbytes()  # negative for frees, including of tensors older than the pass
+        peak = max(peak, current)
+    return peak
+
+
+def cuda_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    result = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del result
+    return peak
+
+
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
+    if device.type == "cpu":
+        return cpu_peak_bytes(fn)
+    if device.type == "cuda":
+        return cuda_peak_bytes(fn, device)
+    return None  # mps has no per-pass peak counter
+
+
+def peak_rss_bytes(fn: Callable[[], object]) -> int | None:
+    """The process's peak resident set while `fn` runs (Linux: VmHWM, reset through clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    result = fn()
+    del result
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+class GateFailure(AssertionError):
+    """The implementation's loss or gradient disagrees with the float64 reference."""
+
+
+GATE_ROWS = 32
+GATE_TOLERANCE = {"float64": 1e-9, "float32": 1e-4, "bfloat16": 3e-2, "float16": 5e-3}
+
+
+def check_against_reference(case: Case, problem: Problem, loss_fn: Callable | None = None) -> float:
+    """Compare loss and gradient of a few rows (spread over the batch) with the float64 reference.
+
+    The implementation runs on the whole batch, so size-dependent bugs show; only the sampled rows
+    are recomputed in float64 (rows are independent under reduction "none" and "sum"). Returns the
+    largest relative error; raises GateFailure past the dtype's tolerance.
+    """
+    impl = lsr.get(case.implementation)
+    loss_fn = loss_fn or impl.loss
+    logits, target = problem.logits, problem.target
+    rows = (
+        torch.linspace(0, case.batch - 1, min(GATE_ROWS, case.batch))
+        .round()
+        .long()
+        .unique()
+        .to(logits.device)
+    )
+    per_row = loss_fn(logits, target, case.smoothing, "none").detach()[rows].double()
+    (grad,) = torch.autograd.grad(loss_fn(logits, target, case.smoothing, "sum"), logits)
+    grad = grad[rows].double()
+    sub = logits.detach()[rows].double().requires_grad_(True)
+    ref_per_row = impl.reference(sub, target[rows], case.smoothing, "none")
+    (ref_grad,) = torch.autograd.grad(ref_per_row.sum(), sub)
+    tol = GATE_TOLERANCE[case.dtype]
+    loss_err = float(((per_row - ref_per_row.detach()).abs() / (ref_per_row.detach().abs() + 1)).max())
+    grad_err = float((grad - ref_grad).norm() / (ref_grad.norm() + 1e-12))
+    if not (loss_err <= tol and grad_err <= tol):  # also catches NaN
+        raise GateFailure(
+            f"disagrees with the float64 reference: loss error {loss_err:.2e}, gradient error {grad_err:.2e} "
+            f"(tolerance {tol:.0e})"
+        )
+    return max(loss_err, grad_err)

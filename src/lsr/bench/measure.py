@@ -151,13 +151,16 @@ def _quiet_stderr():
 
 def cpu_peak_bytes(fn: Callable[[], object]) -> int:
     """Exact peak of CPU tensor bytes allocated above the start while `fn` runs (results kept alive)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     del result  # freed after the profile: what the pass returns counts in its peak
     events = [
-        e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == 0
+        e
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
     ]
     current = peak = 0
     for event in sorted(events, key=lambda e: e.start_ns()):

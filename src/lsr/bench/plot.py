@@ -115,7 +115,12 @@ def _line_grid(rows, metadata, dtype, x_axis, y_of, ylabel, what, path, referenc
                     ax.plot(*zip(*points, strict=False), **_style(name, names))
             if reference == "gradient":
                 grads = [(x, x * panel * _itemsize(rows, dtype)) for x in xs]
-                ax.plot(*zip(*grads, strict=False), color="grey", linestyle=":", label="gradient bytes (N·C·itemsize)")
+                ax.plot(
+                    *zip(*grads, strict=False),
+                    color="grey",
+                    linestyle=":",
+                    label="gradient bytes (N·C·itemsize)",
+                )
             ax.set_xscale("log", base=2 if x_axis == "batch" else 10)
             ax.set_yscale("log")
             ax.grid(True, which="both", alpha=0.3)

@@ -17,7 +17,7 @@ import torch
 import lsr
 from lsr.bench import measure
 from lsr.bench.grid import DTYPES, FLOOR, Case
-from lsr.bench.results import METADATA_FILE, RESULTS_FILE, read_rows, write_metadata, write_rows
+from lsr.bench.results import COLUMNS, METADATA_FILE, RESULTS_FILE, read_rows, write_metadata, write_rows
 
 
 def device_name(device: str) -> str:
@@ -87,12 +87,16 @@ def base_row(case: Case) -> dict:
     """The columns a row has before anything is measured."""
     kind = FLOOR if case.is_floor else lsr.get(case.implementation).smoothing_kind
     logits_bytes = case.batch * case.classes * DTYPES[case.dtype].itemsize
-    return case.as_dict() | {
-        "smoothing_kind": kind,
-        "logits_bytes": logits_bytes,
-        "status": "ok",
-        "message": "",
-    }
+    return (
+        dict.fromkeys(COLUMNS)
+        | case.as_dict()
+        | {
+            "smoothing_kind": kind,
+            "logits_bytes": logits_bytes,
+            "status": "ok",
+            "message": "",
+        }
+    )
 
 
 def failure(error: BaseException, context: str = "") -> dict:

@@ -1,0 +1,233 @@
+"""The benchmark's machinery: the memory meter, the gate, failures, resume, schema, CLI, asv."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lsr
+from lsr.bench import measure
+from lsr.bench.cli import main as cli_main
+from lsr.bench.compare import compare
+from lsr.bench.grid import FLOOR, Case, Grid
+from lsr.bench.results import SchemaError, read_rows, write_rows
+from lsr.bench.runner import run_sweep
+
+EAGER = ["native", "dense", "sparse"]
+TINY = Grid(EAGER, ["cpu"], ["float32"], batches=[8, 32], classes=[10])
+FAST = dict(min_time=0.001, progress=False)
+
+
+# --- the CPU memory meter -------------------------------------------------------------------------
+
+
+def test_cpu_meter_measures_a_known_allocation_exactly():
+    assert measure.cpu_peak_bytes(lambda: torch.empty(1000, 1000)) == 4_000_000
+    assert measure.cpu_peak_bytes(lambda: torch.empty(3, 5, dtype=torch.float64)) == 120
+
+
+def test_cpu_meter_takes_the_peak_not_the_end():
+    def two_temporaries():
+        a = torch.empty(250_000)  # 1 MB
+        b = torch.empty(500_000)  # 2 MB, both alive: 3 MB
+        del a, b
+        return torch.empty(100_000)  # 0.4 MB at the end
+
+    assert measure.cpu_peak_bytes(two_temporaries) == 3_000_000
+
+
+def test_cpu_meter_ignores_what_existed_before():
+    before = torch.empty(1_000_000)
+
+    def free_then_allocate():
+        nonlocal before
+        before = None  # frees 4 MB allocated before the pass
+        return torch.empty(10)
+
+    assert measure.cpu_peak_bytes(free_then_allocate) == 40
+
+
+def test_native_forward_backward_peak_is_three_logits():
+    """NOTES section 5: 1000 x 1000 float32 forward+backward of native peaks at 12.0 MB."""
+    case = Case("native", "cpu", "float32", 1000, 1000, 0.1, "forward+backward")
+    peak = measure.peak_bytes(measure.Pass(case, measure.Problem.make(case)), torch.device("cpu"))
+    assert 12_000_000 <= peak <= 12_100_000
+
+
+# --- the sweep: gate, failures, resume ------------------------------------------------------------
+
+
+def wrong_smoothing(input, target, smoothing, reduction="mean", ignore_index=-100):
+    return lsr.native_label_smoothing(input, target, min(1.0, smoothing + 0.05), reduction, ignore_index)
+
+
+def test_gate_rejects_a_wrong_implementation(tmp_path):
+    rows = run_sweep(TINY.cases(), tmp_path, loss_fns={"dense": wrong_smoothing}, **FAST)
+    dense = [r for r in rows if r["implementation"] == "dense"]
+    assert dense and all(r["status"] == "failed" for r in dense)
+    assert all(r["median_s"] is None for r in dense)  # a wrong answer is never timed
+    assert "float64 reference" in dense[0]["message"]
+    assert all(r["status"] == "ok" for r in rows if r["implementation"] != "dense")
+
+
+def test_out_of_memory_is_recorded_and_the_sweep_goes_on(tmp_path):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    rows = run_sweep(TINY.cases(), tmp_path, loss_fns={"native": out_of_memory}, **FAST)
+    assert len(rows) == len(list(TINY.cases()))
+    native = [r for r in rows if r["implementation"] == "native"]
+    assert all(r["status"] == "oom" and "Tried to allocate" in r["message"] for r in native)
+    assert all(r["status"] == "ok" for r in rows if r["implementation"] != "native")
+    assert read_rows(tmp_path) == rows  # what is on disk is what was returned
+
+
+def test_other_errors_are_recorded(tmp_path):
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel launch failed")
+
+    rows = run_sweep(TINY.cases(), tmp_path, loss_fns={"sparse": broken}, **FAST)
+    assert {r["status"] for r in rows if r["implementation"] == "sparse"} == {"error"}
+
+
+def test_interrupted_sweep_keeps_rows_and_resume_skips_them(tmp_path):
+    cases = list(TINY.cases())
+    calls = {"n": 0}
+
+    def interrupt_on_second_size(input, target, *args, **kwargs):
+        if input.shape[0] == 32:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return lsr.native_label_smoothing(input, target, *args, **kwargs)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(cases, tmp_path, loss_fns={"native": interrupt_on_second_size}, **FAST)
+    kept = read_rows(tmp_path)
+    assert 0 < len(kept) < len(cases)
+    assert {r["batch"] for r in kept if r["implementation"] == "native"} == {8}
+
+    calls["n"] = 0
+    rows = run_sweep(cases, tmp_path, resume=True, loss_fns={"native": wrong_smoothing}, **FAST)
+    assert len(rows) == len(cases)
+    assert rows[: len(kept)] == kept  # measured once, kept as they were
+    assert {(r["implementation"], r["pass"], r["batch"]) for r in rows} == {
+        (c.implementation, c.pass_, c.batch) for c in cases
+    }
+
+
+def test_floor_rows_and_grid_skip_what_cannot_run():
+    grid = Grid(["sparse", "native"], ["cpu"], ["float32"], batches=[4], classes=[1, 5])
+    cases = list(grid.cases())
+    assert [c for c in cases if c.implementation == FLOOR and c.classes == 1]
+    assert not [c for c in cases if c.implementation == "sparse" and c.classes == 1]
+
+
+# --- the data ---------------------------------------------------------------------------------------
+
+
+def test_schema_rejects_malformed_files(tmp_path):
+    path = tmp_path / "results.csv"
+    path.write_text("implementation,device\nnative,cpu\n")
+    with pytest.raises(SchemaError, match="missing columns"):
+        read_rows(path)
+
+    rows = run_sweep(
+        Grid(["native"], ["cpu"], ["float32"], [4], [3], passes=["forward"]).cases(), tmp_path, **FAST
+    )
+    write_rows(path, [rows[1] | {"batch": "many"}])
+    with pytest.raises(SchemaError, match=r"results.csv:2: column 'batch' should be int, got 'many'"):
+        read_rows(path)
+    write_rows(path, [rows[1] | {"status": "great"}])
+    with pytest.raises(SchemaError, match="status 'great' is not one of"):
+        read_rows(path)
+    write_rows(path, [rows[1] | {"median_s": None}])
+    with pytest.raises(SchemaError, match="an ok row needs median_s"):
+        read_rows(path)
+
+
+def test_compare_flags_changes_beyond_noise(tmp_path):
+    old = run_sweep(
+        Grid(["native"], ["cpu"], ["float32"], [4], [3], passes=["forward"]).cases(), tmp_path, **FAST
+    )
+    same = [r | {"median_s": r["median_s"] * 1.01} for r in old]
+    slower = [r | {"median_s": r["median_s"] * 3, "iqr_s": 0.0} for r in old]
+    assert not any(e["verdict"] for e in compare(old, same))
+    assert all(e["verdict"] == "slower" for e in compare(old, slower))
+
+
+# --- end to end -------------------------------------------------------------------------------------
+
+
+def test_cli_run_plot_compare_end_to_end(tmp_path, capsys):
+    out = tmp_path / "results"
+    args = ["run", "--impl", *EAGER, "--device", "cpu", "--batch", "16", "64", "--classes", "10", "100"]
+    args += ["--out", str(out), "--min-time", "0.001", "--no-progress"]
+    assert cli_main(args) == 0
+    rows = read_rows(out / "cpu")
+    assert len(rows) == 4 * (1 + 3 * 3) and all(r["status"] == "ok" for r in rows)
+    for chart in (
+        "time_vs_batch",
+        "time_vs_classes",
+        "memory_vs_batch",
+        "memory_vs_classes",
+        "speedup",
+        "floor_multiple",
+    ):
+        png = out / "cpu" / f"{chart}_float32.png"
+        assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    summary = (out / "README.md").read_text()
+    assert "| 64 | 100 | sparse |" in summary and "![speedup float32](cpu/speedup_float32.png)" in summary
+    assert "x floor" in capsys.readouterr().out
+
+    shutil.copytree(out / "cpu", tmp_path / "other")
+    assert cli_main(["plot", str(out / "cpu"), str(tmp_path / "other"), "--out", str(tmp_path / "side")]) == 0
+    assert (tmp_path / "side" / "side_by_side.png").exists()
+    assert cli_main(["compare", str(out / "cpu"), str(tmp_path / "other")]) == 0
+    assert "cases compared" in capsys.readouterr().out
+
+
+def test_cli_reports_a_malformed_file_clearly(tmp_path, capsys):
+    (tmp_path / "results.csv").write_text("not,a,results,file\n")
+    assert cli_main(["plot", str(tmp_path / "results.csv")]) == 2
+    assert "not a results file" in capsys.readouterr().err
+
+
+def test_pytest_benchmark_json_is_read_by_plot(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    json_path = tmp_path / "run.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(root / "benchmarks" / "pytest"),
+            "-k",
+            "native and N512-C1000 or floor and N512-C1000",
+            "--benchmark-min-time=0.0005",
+            "--benchmark-max-time=0.01",
+            f"--benchmark-json={json_path}",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert cli_main(["plot", str(json_path), "--out", str(tmp_path / "charts")]) == 0
+    assert (tmp_path / "charts" / "floor_multiple_float32.png").exists()
+
+
+def test_asv_check():
+    if shutil.which("asv") is None:
+        pytest.skip("asv is not installed (extra: benchmarking)")
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        ["asv", "check", "--python=same"], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and "No problems found" in result.stdout, result.stdout + result.stderr

@@ -99,3 +99,37 @@ register(
         description="SparseLSR, equation 15, eager PyTorch",
     )
 )
+
+# --- fused losses (lsr.fused): Triton on CUDA, compiled PyTorch on CPU ---------------------------------
+
+from lsr.fused import fused_label_smoothing, fused_sparse_label_smoothing, triton_available  # noqa: E402
+
+
+def _fused_is_available(device: str) -> bool:
+    return device == "cpu" or triton_available()
+
+
+register(
+    Implementation(
+        name="fused-exact",
+        loss=fused_label_smoothing,
+        smoothing_kind="exact",
+        devices=("cpu", "cuda"),
+        supports_weight=True,
+        min_classes=1,
+        description="closed form in O(N) memory: one pass forward, one backward (Triton / compiled CPU)",
+        is_available=_fused_is_available,
+    )
+)
+register(
+    Implementation(
+        name="fused-sparse",
+        loss=fused_sparse_label_smoothing,
+        smoothing_kind="sparse",
+        devices=("cpu", "cuda"),
+        supports_weight=False,
+        min_classes=2,
+        description="SparseLSR (equation 15) in O(N) memory: one pass forward, one backward",
+        is_available=_fused_is_available,
+    )
+)

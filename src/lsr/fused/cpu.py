@@ -1,0 +1,144 @@
+"""The two passes of the fused losses in plain PyTorch: the CPU path, and the fallback on any device.
+
+`row_stats` and `gradient` compute what the Triton kernels in `triton_kernels.py` compute, except
+the target column of the gradient, which `lsr.fused.loss` writes afterwards from saved O(N) values
+(inside the pass it costs a vectorised int64 compare per element: measured 1.5x slower). Written
+as whole-tensor expressions they would build N x C temporaries; two ways keep those out:
+
+- "compile": inductor fuses each pass into one vectorised C++ loop nest over rows (OpenMP), with
+  shapes marked dynamic, so there is one compilation per dtype and weighting, not one per shape.
+- "eager": the same expressions over blocks of rows, so temporaries stay O(EAGER_BLOCK_ELEMENTS).
+
+"auto" (the default) compiles inputs of at least COMPILE_MIN_ELEMENTS logits when a C++ compiler is
+on PATH, and runs smaller ones eagerly: below that size compiling does not pay for itself.
+docs/fused.md has the measurements behind these choices. Inside a user's `torch.compile` region the
+plain expressions are traced into the user's graph instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+
+import torch
+
+COMPILE_MIN_ELEMENTS = 1 << 20
+EAGER_BLOCK_ELEMENTS = 1 << 16
+BACKENDS = ("auto", "compile", "eager", "triton")
+_backend = "auto"
+
+
+def set_cpu_backend(name: str) -> str:
+    """Choose how the fused losses run on CPU; returns the previous choice.
+
+    "auto" (default), "compile", "eager", or "triton": the Triton kernels on CPU tensors, which only
+    the Triton interpreter can run (TRITON_INTERPRET=1 set before Triton is imported; for tests).
+
+    Example:
+        >>> previous = set_cpu_backend("eager")
+        >>> set_cpu_backend(previous)
+        'eager'
+    """
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"CPU backend must be one of {BACKENDS}, got {name!r}")
+    if name == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("the 'triton' CPU backend needs the Triton interpreter: set TRITON_INTERPRET=1")
+    previous, _backend = _backend, name
+    return previous
+
+
+def cpu_backend(num_elements: int) -> str:
+    """The backend that runs an input of `num_elements` logits on CPU now."""
+    if _backend != "auto":
+        return _backend
+    return "compile" if num_elements >= COMPILE_MIN_ELEMENTS and _have_cxx_compiler() else "eager"
+
+
+@functools.cache
+def _have_cxx_compiler() -> bool:
+    return any(shutil.which(cxx) for cxx in (os.environ.get("CXX", "g++"), "g++", "clang++"))
+
+
+# --- the two passes, as expressions ---------------------------------------------------------------
+
+
+def _row_stats(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, acc_dtype: torch.dtype):
+    z = z.to(acc_dtype)
+    m = z.amax(dim=1, keepdim=True)
+    m = torch.where(m == float("-inf"), 0.0, m)  # a row of -inf only: lse = -inf, not NaN
+    lse = (m + (z - m).exp().sum(dim=1, keepdim=True).log()).squeeze(1)
+    dot = (z if weight is None else z * weight).sum(dim=1)
+    return lse, dot, z.gather(1, target.unsqueeze(1)).squeeze(1)
+
+
+def _gradient(z: torch.Tensor, weight: torch.Tensor | None, lse, p, r) -> torch.Tensor:
+    """p exp(z - lse) - r w per element (the target column is fixed afterwards)."""
+    rw = r.unsqueeze(1) if weight is None else r.unsqueeze(1) * weight
+    return (p.unsqueeze(1) * (z.to(lse.dtype) - lse.unsqueeze(1)).exp() - rw).to(z.dtype)
+
+
+def _gradient_into_logits(z: torch.Tensor, weight: torch.Tensor | None, lse, p, r) -> torch.Tensor:
+    return z.copy_(_gradient(z, weight, lse, p, r))
+
+
+@functools.cache
+def _compiled(fn):
+    return torch.compile(fn, dynamic=True)
+
+
+# --- entry points ------------------------------------------------------------------------------------
+
+
+def row_stats(
+    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, acc_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(M, C) contiguous logits, (M,) int64 targets in [0, C) -> lse, dot = sum_j w_j z_j, z_y."""
+    backend = _backend_for(logits)
+    if backend == "compile":
+        return _compiled(_row_stats)(logits, target, weight, acc_dtype)
+    if backend == "plain":
+        return _row_stats(logits, target, weight, acc_dtype)
+    n_rows = logits.shape[0]
+    lse, dot, z_y = (torch.empty(n_rows, dtype=acc_dtype, device=logits.device) for _ in range(3))
+    for rows in _row_blocks(logits):
+        lse[rows], dot[rows], z_y[rows] = _row_stats(logits[rows], target[rows], weight, acc_dtype)
+    return lse, dot, z_y
+
+
+def gradient(
+    logits: torch.Tensor,
+    weight: torch.Tensor | None,
+    lse: torch.Tensor,
+    p: torch.Tensor,
+    r: torch.Tensor,
+    inplace: bool,
+) -> torch.Tensor:
+    """p exp(z - lse) - r w for every logit, in a new tensor or (inplace) over the logits."""
+    fn = _gradient_into_logits if inplace else _gradient
+    backend = _backend_for(logits)
+    if backend == "compile":
+        return _compiled(fn)(logits, weight, lse, p, r)
+    if backend == "plain":
+        return fn(logits, weight, lse, p, r)
+    grad = logits if inplace else torch.empty_like(logits)
+    for rows in _row_blocks(logits):
+        grad[rows] = _gradient(logits[rows], weight, lse[rows], p[rows], r[rows])
+    return grad
+
+
+def _backend_for(logits: torch.Tensor) -> str:
+    if torch.compiler.is_compiling():
+        return "plain"  # traced into the caller's graph, which inductor fuses anyway
+    if logits.device.type != "cpu":
+        return "plain"  # a GPU without Triton: correct, not fused (N x C temporaries)
+    if logits.numel() == 0:
+        return "plain"
+    return cpu_backend(logits.numel())
+
+
+def _row_blocks(logits: torch.Tensor):
+    n_rows, n_cols = logits.shape
+    step = max(1, EAGER_BLOCK_ELEMENTS // max(n_cols, 1))
+    return (slice(start, start + step) for start in range(0, n_rows, step))

@@ -323,15 +323,15 @@ def test_modules_match_functions_and_registry():
 
 
 def test_small_model_trains_under_torch_compile():
-    """Linear -> fused loss, compiled, takes the same SGD steps as eager F.cross_entropy."""
+    """Linear -> fused loss, compiled in one graph, takes the same SGD steps as eager F.cross_entropy."""
     torch.manual_seed(0)
     inputs, target = torch.randn(32, 16), torch.randint(0, 10, (32,))
     target[::7] = -100
     models = [torch.nn.Linear(16, 10) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    fused_loss = FusedLSRLoss(smoothing=0.1)
+    fused_loss = FusedLSRLoss(smoothing=0.1, validate_targets=False)  # no host read: no graph break
 
-    @torch.compile
+    @torch.compile(fullgraph=True)
     def step_fused(model):
         return fused_loss(model(inputs), target)
 

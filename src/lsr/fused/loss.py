@@ -251,6 +251,9 @@ def fused_sparse_label_smoothing(
 class FusedLSRLoss(torch.nn.Module):
     """`fused_label_smoothing` as a module, a drop-in for `nn.CrossEntropyLoss(label_smoothing=)`.
 
+    With validate_targets=False it compiles without graph breaks (`torch.compile(fullgraph=True)`):
+    checking targets on CPU reads a tensor's value on the host.
+
     Example:
         >>> loss_fn = FusedLSRLoss(smoothing=0.1)
         >>> loss = loss_fn(torch.randn(8, 10, requires_grad=True), torch.randint(0, 10, (8,)))
@@ -264,12 +267,14 @@ class FusedLSRLoss(torch.nn.Module):
         ignore_index: int = -100,
         weight: torch.Tensor | None = None,
         inplace_backward: bool = False,
+        validate_targets: bool | None = None,
     ):
         super().__init__()
         self.smoothing = check_smoothing(smoothing)
         self.reduction = check_reduction(reduction)
         self.ignore_index = ignore_index
         self.inplace_backward = inplace_backward
+        self.validate_targets = validate_targets
         self.register_buffer("weight", weight)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -281,6 +286,7 @@ class FusedLSRLoss(torch.nn.Module):
             self.ignore_index,
             weight=self.weight,
             inplace_backward=self.inplace_backward,
+            validate_targets=self.validate_targets,
         )
 
     def extra_repr(self) -> str:
@@ -304,13 +310,15 @@ class FusedSparseLSRLoss(torch.nn.Module):
         smoothing: float = 0.0,
         reduction: str = "mean",
         ignore_index: int = -100,
-        inplace_backward=False,
+        inplace_backward: bool = False,
+        validate_targets: bool | None = None,
     ):
         super().__init__()
         self.smoothing = check_smoothing(smoothing)
         self.reduction = check_reduction(reduction)
         self.ignore_index = ignore_index
         self.inplace_backward = inplace_backward
+        self.validate_targets = validate_targets
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return fused_sparse_label_smoothing(
@@ -320,6 +328,7 @@ class FusedSparseLSRLoss(torch.nn.Module):
             self.reduction,
             self.ignore_index,
             inplace_backward=self.inplace_backward,
+            validate_targets=self.validate_targets,
         )
 
     def extra_repr(self) -> str:

@@ -1,4 +1,4 @@
-"""Sessions: `nox -s tests`, `nox -s lint`, `nox -s demo`.
+"""Sessions: `nox -s bench`, `nox -s tests`, `nox -s lint`, `nox -s asv`, `nox -s pytest_benchmark`, `nox -s demo`.
 
 Every session installs torch from constraints.txt, the one place its version is pinned. nox keeps its
 default virtualenv + pip backend: pip finds the pinned CPU build on local disk, uv would download GBs.
@@ -25,6 +25,32 @@ def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", "src", "tests", "noxfile.py")
     session.run("ruff", "format", "--check", "src", "tests", "noxfile.py")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The quick sweep on every present device, its charts and summary (arguments go to `lsr-bench run`)."""
+    session.install(*PINNED, "-e", ".[benchmarking,triton]")
+    session.run("lsr-bench", "run", *session.posargs)
+
+
+@nox.session
+def asv(session: nox.Session) -> None:
+    """asv over commits (default: `asv run HEAD^!`), then `asv publish`; other asv arguments after --."""
+    session.install(*PINNED, "asv", "virtualenv")
+    session.run("asv", "machine", "--yes")
+    session.run("asv", *(session.posargs or ["run", "HEAD^!"]))
+    session.run("asv", "publish")
+
+
+@nox.session
+def pytest_benchmark(session: nox.Session) -> None:
+    """The pytest-benchmark suite; its JSON goes to .benchmarks/ and `lsr-bench plot` reads it."""
+    session.install(*PINNED, "-e", ".[benchmarking,tests,triton]")
+    session.run(
+        "pytest", "benchmarks/pytest_suite", "--benchmark-json=.benchmarks/run.json", *session.posargs
+    )
+    session.run("lsr-bench", "plot", ".benchmarks/run.json", "--out", ".benchmarks/charts")
 
 
 @nox.session

@@ -206,7 +206,7 @@ def test_pytest_benchmark_json_is_read_by_plot(tmp_path):
             "-q",
             "-p",
             "no:cacheprovider",
-            str(root / "benchmarks" / "pytest"),
+            str(root / "benchmarks" / "pytest_suite"),
             "-k",
             "native and N512-C1000 or floor and N512-C1000",
             "--benchmark-min-time=0.0005",

@@ -68,6 +68,7 @@ def print_table(rows: list[dict]) -> None:
 def cmd_run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.out = args.out or ("results" if args.preset == "full" else "results/quick")
     all_rows = []
     for g in _grids_from_args(args):
         device = g.devices[0]
@@ -137,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--classes", nargs="+", type=int)
     run.add_argument("--smoothing", nargs="+", type=float)
     run.add_argument("--pass", dest="pass_", nargs="+", choices=list(grids.PASSES))
-    run.add_argument("--out", default="results", help="results root; each device writes to OUT/<device>/")
+    run.add_argument(
+        "--out",
+        help="results root; each device writes to OUT/<device>/ (default: results/ for full, results/quick/ otherwise)",
+    )
     run.add_argument("--resume", action="store_true", help="keep rows already in OUT and skip their cases")
     run.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     run.add_argument("--logit-std", type=float, default=2.0, help="standard deviation of the random logits")

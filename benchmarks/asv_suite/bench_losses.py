@@ -15,6 +15,9 @@ class _Passes:
     params = (SUITE.implementations, SUITE.devices, SUITE.batches, SUITE.classes)
     param_names = ["implementation", "device", "batch", "classes"]
     timeout = 600
+    # Enough samples for a median, bounded so that `asv run` over a few commits takes minutes.
+    repeat = (3, 10, 5.0)
+    warmup_time = 0.2
 
     def setup(self, implementation, device, batch, classes):
         impl = lsr.get(implementation)

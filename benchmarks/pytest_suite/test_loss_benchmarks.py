@@ -1,6 +1,6 @@
 """pytest-benchmark suite over lsr.bench.grid.SUITE: every case of the grid, peak memory in extra_info.
 
-    pytest benchmarks/pytest --benchmark-json=run.json     # then: lsr-bench plot run.json
+    pytest benchmarks/pytest_suite --benchmark-json=run.json     # then: lsr-bench plot run.json
 
 Cases, inputs, passes, the correctness gate and the memory meter come from `lsr.bench`; each timed
 call synchronises the device before returning. The JSON's extra_info carries the case, so

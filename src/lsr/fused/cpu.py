@@ -85,7 +85,10 @@ def _gradient_into_logits(z: torch.Tensor, weight: torch.Tensor | None, lse, p, 
 
 @functools.cache
 def _compiled(fn):
-    return torch.compile(fn, dynamic=True)
+    # dynamic_threads: always emit an OpenMP region. Otherwise inductor picks serial or parallel
+    # loops from the sizes of the first input it compiles for, and its cache hands that choice to
+    # every later shape (a first, tiny input made 4096 x 10000 run on one thread: 2x slower).
+    return torch.compile(fn, dynamic=True, options={"cpp.dynamic_threads": True})
 
 
 # --- entry points ------------------------------------------------------------------------------------

@@ -75,20 +75,24 @@ def _gradient(logits, target, weight, lse, z_y, p, q, r, inplace):
     grad = cpu.gradient(logits, weight, lse, p, r, inplace)
     # The target column, p p_y - r w_y - q, from the saved z_y (the logits may be overwritten).
     w_y = 1.0 if weight is None else weight[target]
-    rows = torch.arange(target.shape[0], device=target.device)
-    grad[rows, target] = (p * torch.exp(z_y - lse) - r * w_y - q).to(grad.dtype)
-    return grad
+    column = (p * torch.exp(z_y - lse) - r * w_y - q).to(grad.dtype)
+    return grad.scatter_(1, target.unsqueeze(1), column.unsqueeze(1))
 
 
 # --- per-row algebra, O(N) ---------------------------------------------------------------------------
 
 
 def _exact_rows(lse, dot, z_y, target, weight, smoothing, num_classes):
-    """Row losses and gradient coefficients (alpha, beta, gamma) of exact label smoothing."""
-    w_y = torch.ones_like(lse) if weight is None else weight[target]
-    total_weight = num_classes if weight is None else weight.sum()
-    beta = (1 - smoothing) * w_y
-    alpha = beta + (smoothing / num_classes) * total_weight
+    """Row losses and gradient coefficients (alpha, beta, gamma) of exact label smoothing.
+
+    Without weights alpha = 1 and beta = 1 - eps for every row: numbers, not (M,) tensors.
+    """
+    w_y = None if weight is None else weight[target]
+    if weight is None:
+        alpha, beta = 1.0, 1 - smoothing
+    else:
+        beta = (1 - smoothing) * w_y
+        alpha = beta + (smoothing / num_classes) * weight.sum()
     row_loss = alpha * lse - beta * z_y
     if smoothing > 0:  # skipped at 0, so that a -inf logit (a masked class) gives no 0 * inf
         row_loss = row_loss - (smoothing / num_classes) * dot
@@ -110,7 +114,7 @@ def _sparse_rows(lse, z_y, smoothing, num_classes):
 
 
 class FusedLabelSmoothingFunction(torch.autograd.Function):
-    """(M, C) contiguous logits -> the reduced loss; saves lse, z_y, alpha, beta per row.
+    """(M, C) contiguous logits -> the reduced loss; saves lse, z_y (and alpha, beta) per row.
 
     Non-tensor arguments: smoothing, sparse (equation 15 instead of exact smoothing), reduction,
     out_shape (the shape reduction="none" returns) and inplace (write the gradient over the logits).
@@ -136,14 +140,17 @@ class FusedLabelSmoothingFunction(torch.autograd.Function):
         else:  # mean over valid rows, weighted by w_y as F.cross_entropy does; NaN when none is valid
             denominator = valid.sum().to(acc_dtype) if w_y is None else torch.where(valid, w_y, 0.0).sum()
             loss = row_loss.sum() / denominator
-        ctx.save_for_backward(logits, target, valid, weight, lse, z_y, alpha, beta, denominator)
+        per_row = [c if torch.is_tensor(c) else None for c in (alpha, beta)]
+        ctx.save_for_backward(logits, target, valid, weight, lse, z_y, denominator, *per_row)
+        ctx.constants = [None if torch.is_tensor(c) else c for c in (alpha, beta)]
         ctx.gamma, ctx.reduction, ctx.inplace = gamma, reduction, inplace
         return loss.to(logits.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        logits, target, valid, weight, lse, z_y, alpha, beta, denominator = ctx.saved_tensors
+        logits, target, valid, weight, lse, z_y, denominator, *per_row = ctx.saved_tensors
+        alpha, beta = (c if c is not None else k for c, k in zip(per_row, ctx.constants, strict=True))
         s = grad_output.to(lse.dtype)
         if ctx.reduction == "none":
             s = s.reshape(-1)

@@ -8,14 +8,13 @@ import math
 import pickle
 
 import numpy as np
-import torch
-
 import pytest
+import torch
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 
-from lsr.experiments import approximation, loss_shapes, train  # noqa: E402
+from lsr.experiments import approximation, loss_shapes, report, train  # noqa: E402
 from lsr.sparse import PAPER_EPS  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
@@ -181,6 +180,14 @@ def test_lsr_train_on_tiny_digits(tmp_path, capsys):
     assert [row["seeds"] for row in summary["summary"]] == [2, 2, 2]
     assert "lsr-train --max-train 200" in paths["summary_md"].read_text()
     assert "test accuracy" in capsys.readouterr().err  # the progress bar
+    # The README reads these results and a small approximation sweep.
+    points = approximation.sweep_points(
+        class_counts=(2, 1000), smoothing_values=(0.1,), confidences=(0.3, 0.9), rows=2
+    )
+    approximation.write_csv(points, tmp_path / "approximation_error.csv")
+    readme = report.write_readme(tmp_path).read_text()
+    assert "## Training comparison: digits" in readme and "Reading the charts" in readme
+    assert "SparseLSR against exact LSR on the trained models" in readme
     # Same seed, same initial weights and batches: CE runs repeat exactly.
     again = train.main(
         ["--max-train", "200", "--max-test", "80", "--epochs", "1", "--seeds", "0"]

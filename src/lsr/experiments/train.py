@@ -506,9 +506,10 @@ def tsne_embedding(features: torch.Tensor, seed: int = 0) -> np.ndarray:
     from sklearn.manifold import TSNE
 
     perplexity = min(30.0, max(2.0, (len(features) - 1) / 3))
-    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
-        features.double().numpy()
-    )
+    # Barnes-Hut can crawl on near-degenerate features (barely trained models); exact is quick for a few hundred points.
+    method = "exact" if len(features) <= 250 else "barnes_hut"
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", method=method, random_state=seed)
+    return tsne.fit_transform(features.double().numpy())
 
 
 def plot_tsne(

@@ -23,7 +23,7 @@ import shutil
 
 import torch
 
-COMPILE_MIN_ELEMENTS = 1 << 20
+COMPILE_MIN_ELEMENTS = 1 << 18
 EAGER_BLOCK_ELEMENTS = 1 << 16
 BACKENDS = ("auto", "compile", "eager", "triton")
 _backend = "auto"

@@ -164,8 +164,8 @@ def training_reading(summary: dict) -> str:
         f"{exact['sparse_grad_cosine_mean']:.2f} and {sparse['sparse_grad_cosine_mean']:.2f}. The models sit near "
         "the smoothing optimum, where (see above) the two gradients differ most: SparseLSR-trained models keep "
         "a more uneven non-target distribution, which is what exact label smoothing would still correct.",
-        "- Time per step is dominated by the network at 10 classes; differences between losses are noise "
-        "(the machine was shared with other jobs while this ran), not the loss.",
+        "- Time per step is dominated by the network at 10 classes, so the loss hardly changes it; a large "
+        "standard deviation in that column marks runs slowed by other jobs sharing the CPU, not the loss.",
     ]
     return "\n".join(lines)
 

@@ -82,6 +82,8 @@ def test_weights(impl):
 
 @pytest.mark.parametrize("shape", [(5, 3), (2, 4, 3)])
 def test_gradcheck_float64(impl, shape):
+    if impl.inplace_backward:
+        pytest.skip("gradcheck runs backward repeatedly through one graph, which in-place forbids")
     logits, target = random_problem(shape, dtype=torch.float64, ignore_fraction=0.2, seed=6)
     for reduction in REDUCTIONS:
         x = logits.clone().requires_grad_(True)
@@ -139,6 +141,8 @@ def test_extreme_logits_stay_finite(impl, dtype):
 
 
 def test_input_is_not_mutated(impl):
+    if impl.inplace_backward:
+        pytest.skip("writes the gradient into the logits by design (tests/test_fused.py)")
     logits, target = random_problem((5, 4, 2), seed=10)
     before = logits.clone()
     x = logits.requires_grad_(True)

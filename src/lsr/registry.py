@@ -30,6 +30,9 @@ class Implementation:
     min_classes: int
     description: str
     is_available: Callable[[str], bool] = field(default=lambda device: True)
+    # Writes the gradient into the logits' storage: benchmarks give it its own copy of the logits
+    # and skip the backward-only pass (running backward twice on one graph is what it forbids).
+    inplace_backward: bool = False
 
     @property
     def reference(self) -> LossFn:
@@ -102,6 +105,8 @@ register(
 
 # --- fused losses (lsr.fused): Triton on CUDA, compiled PyTorch on CPU ---------------------------------
 
+import functools  # noqa: E402
+
 from lsr.fused import fused_label_smoothing, fused_sparse_label_smoothing, triton_available  # noqa: E402
 
 
@@ -131,5 +136,18 @@ register(
         min_classes=2,
         description="SparseLSR (equation 15) in O(N) memory: one pass forward, one backward",
         is_available=_fused_is_available,
+    )
+)
+register(
+    Implementation(
+        name="fused-exact-inplace",
+        loss=functools.partial(fused_label_smoothing, inplace_backward=True),
+        smoothing_kind="exact",
+        devices=("cpu", "cuda"),
+        supports_weight=True,
+        min_classes=1,
+        description="fused-exact with inplace_backward=True: the gradient overwrites the logits",
+        is_available=_fused_is_available,
+        inplace_backward=True,
     )
 )

@@ -1,4 +1,5 @@
-"""Sessions: `nox -s bench`, `nox -s tests`, `nox -s lint`, `nox -s asv`, `nox -s pytest_benchmark`, `nox -s demo`.
+"""Sessions: `nox -s bench`, `nox -s tests`, `nox -s lint`, `nox -s asv`, `nox -s pytest_benchmark`,
+`nox -s experiments`, `nox -s demo`.
 
 Every session installs torch from constraints.txt, the one place its version is pinned. nox keeps its
 default virtualenv + pip backend: pip finds the pinned CPU build on local disk, uv would download GBs.
@@ -51,6 +52,13 @@ def pytest_benchmark(session: nox.Session) -> None:
         "pytest", "benchmarks/pytest_suite", "--benchmark-json=.benchmarks/run.json", *session.posargs
     )
     session.run("lsr-bench", "plot", ".benchmarks/run.json", "--out", ".benchmarks/charts")
+
+
+@nox.session
+def experiments(session: nox.Session) -> None:
+    """Loss shapes, SparseLSR's approximation error and the digits training run -> results/experiments/."""
+    session.install(*PINNED, "-e", ".[experiments]")
+    session.run("python", "-m", "lsr.experiments", *session.posargs)
 
 
 @nox.session

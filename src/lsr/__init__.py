@@ -1,6 +1,7 @@
 """lsr: label smoothing losses for PyTorch, exact and sparse (SparseLSR), and a benchmark of them."""
 
 from lsr.dense import LSRLoss, dense_label_smoothing
+from lsr.fused import FusedLSRLoss, FusedSparseLSRLoss, fused_label_smoothing, fused_sparse_label_smoothing
 from lsr.native import native_label_smoothing
 from lsr.reference import exact_reference, sparse_reference
 from lsr.registry import REGISTRY, Implementation, available, get, register
@@ -9,6 +10,8 @@ from lsr.sparse import SparseLSRLoss, seed_snippet_sparse_lsr, sparse_label_smoo
 __version__ = "0.1.0"
 
 __all__ = [
+    "FusedLSRLoss",
+    "FusedSparseLSRLoss",
     "REGISTRY",
     "Implementation",
     "LSRLoss",
@@ -16,6 +19,8 @@ __all__ = [
     "available",
     "dense_label_smoothing",
     "exact_reference",
+    "fused_label_smoothing",
+    "fused_sparse_label_smoothing",
     "get",
     "native_label_smoothing",
     "register",

@@ -158,11 +158,19 @@ def _speedup_heatmaps(rows, metadata, dtype, path):
     classes = sorted({r["classes"] for r in _ok(rows) if r["dtype"] == dtype})
     if not pairs or not batches:
         return None
+    cols = min(3, len(pairs))
+    rows_of_panels = math.ceil(len(pairs) / cols)
     fig, axes = plt.subplots(
-        1, len(pairs), figsize=(3.4 * len(pairs) + 1, 0.45 * len(batches) + 2.6), squeeze=False
+        rows_of_panels,
+        cols,
+        figsize=(4.2 * cols + 1.5, (0.5 * len(batches) + 2.4) * rows_of_panels + 1),
+        squeeze=False,
+        layout="constrained",
     )
+    for ax in axes.flat[len(pairs) :]:
+        ax.set_visible(False)
     norm = LogNorm(vmin=1 / 8, vmax=8)
-    for ax, (fast, slow) in zip(axes[0], pairs, strict=False):
+    for ax, (fast, slow) in zip(axes.flat, pairs, strict=False):
         grid = [[math.nan] * len(classes) for _ in batches]
         for i, n in enumerate(batches):
             for j, c in enumerate(classes):
@@ -179,10 +187,17 @@ def _speedup_heatmaps(rows, metadata, dtype, path):
         ax.set_yticks(range(len(batches)), [str(n) for n in batches], fontsize=8)
         ax.set_xlabel("classes C")
         ax.set_ylabel("batch size N")
-        ax.set_title(f"{fast} vs {slow}\n(time of {slow} / time of {fast})", fontsize=9)
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="speedup (>1: faster)")
-    fig.suptitle(_title(metadata, dtype, "forward+backward speedup"), fontsize=11)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+        ax.set_title(f"{fast} vs {slow}", fontsize=10)
+    bar = fig.colorbar(
+        image, ax=axes.flat[: len(pairs)], shrink=0.8, label="speedup: time of the second / time of the first"
+    )
+    ticks = [1 / 8, 1 / 4, 1 / 2, 1, 2, 4, 8]
+    bar.set_ticks(ticks, labels=[f"{t:g}×" if t >= 1 else f"1/{1 / t:g}×" for t in ticks])
+    bar.minorticks_off()
+    fig.suptitle(
+        _title(metadata, dtype, "forward+backward speedup (green: the first is faster)"), fontsize=11
+    )
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
@@ -193,7 +208,7 @@ def _floor_multiple(rows, metadata, dtype, path):
 
     index = _index(rows)
     names = _implementations(rows)
-    fig, ax = plt.subplots(figsize=(7, 4.6))
+    fig, ax = plt.subplots(figsize=(9, 4.8))
     for name in names:
         points = []
         for r in _ok(rows):
@@ -210,7 +225,7 @@ def _floor_multiple(rows, metadata, dtype, path):
     ax.grid(True, which="both", alpha=0.3)
     ax.set_xlabel("logits N·C")
     ax.set_ylabel("forward+backward time / floor time")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_title(_title(metadata, dtype, "time as a multiple of the floor"), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

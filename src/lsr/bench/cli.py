@@ -46,7 +46,7 @@ def print_table(rows: list[dict]) -> None:
         if r["implementation"] == grids.FLOOR and r["status"] == "ok"
     }
     print(
-        f"\n{'implementation':<14} {'device':<6} {'dtype':<9} {'N':>6} {'C':>7} {'pass':<17} {'median ms':>10} {'IQR ms':>8} {'x floor':>8} {'peak MiB':>9}  status"
+        f"\n{'implementation':<20} {'device':<6} {'dtype':<9} {'N':>6} {'C':>7} {'pass':<17} {'median ms':>10} {'IQR ms':>8} {'x floor':>8} {'peak MiB':>9}  status"
     )
     for r in rows:
         floor = floors.get((r["device"], r["dtype"], r["batch"], r["classes"]))
@@ -61,7 +61,7 @@ def print_table(rows: list[dict]) -> None:
         peak = f"{r['peak_bytes'] / 2**20:9.1f}" if r.get("peak_bytes") is not None else f"{'':>9}"
         status = r["status"] if ok else f"{r['status']}: {r['message'][:60]}"
         print(
-            f"{r['implementation']:<14} {r['device']:<6} {r['dtype']:<9} {r['batch']:>6} {r['classes']:>7} {r['pass']:<17} {median} {iqr} {ratio} {peak}  {status}"
+            f"{r['implementation']:<20} {r['device']:<6} {r['dtype']:<9} {r['batch']:>6} {r['classes']:>7} {r['pass']:<17} {median} {iqr} {ratio} {peak}  {status}"
         )
 
 

@@ -130,10 +130,12 @@ def _line_grid(rows, metadata, dtype, x_axis, y_of, ylabel, what, path, referenc
             if j == 0:
                 ax.set_ylabel(ylabel)
     handles, labels = axes[-1][-1].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False)
+    columns = min(len(labels), 2 * len(panels) + 1)  # what fits under the panels
+    legend_rows = math.ceil(len(labels) / columns)
+    fig.legend(handles, labels, loc="lower center", ncol=columns, frameon=False)
     fig.suptitle(_title(metadata, dtype, what), fontsize=11)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
-    fig.savefig(path, dpi=110)
+    fig.tight_layout(rect=(0, 0.03 + 0.025 * legend_rows, 1, 0.95))
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 

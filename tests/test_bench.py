@@ -13,6 +13,7 @@ from lsr.bench import measure
 from lsr.bench.cli import main as cli_main
 from lsr.bench.compare import compare
 from lsr.bench.grid import FLOOR, Case, Grid
+from lsr.bench.plot import CHARTS
 from lsr.bench.results import SchemaError, read_rows, write_rows
 from lsr.bench.runner import run_sweep
 
@@ -71,6 +72,30 @@ def test_gate_rejects_a_wrong_implementation(tmp_path):
     assert all(r["median_s"] is None for r in dense)  # a wrong answer is never timed
     assert "float64 reference" in dense[0]["message"]
     assert all(r["status"] == "ok" for r in rows if r["implementation"] != "dense")
+
+
+def test_gate_checks_the_timed_mean_reduction(tmp_path):
+    def wrong_mean(input, target, smoothing, reduction="mean", ignore_index=-100):
+        loss = lsr.native_label_smoothing(input, target, smoothing, reduction, ignore_index)
+        return loss * 1.01 if reduction == "mean" else loss
+
+    rows = run_sweep(TINY.cases(), tmp_path, loss_fns={"sparse": wrong_mean}, **FAST)
+    assert {r["status"] for r in rows if r["implementation"] == "sparse"} == {"failed"}
+
+
+def test_resume_measures_failed_rows_again_and_refuses_other_settings(tmp_path):
+    cases = list(Grid(["native"], ["cpu"], ["float32"], [4], [3], passes=["forward"]).cases())
+    first = run_sweep(cases, tmp_path, loss_fns={"native": wrong_smoothing}, **FAST)
+    assert [r["status"] for r in first] == ["ok", "failed"]
+    again = run_sweep(cases, tmp_path, resume=True, **FAST)
+    assert [r["status"] for r in again] == ["ok", "ok"] and again[0] == first[0]
+    with pytest.raises(ValueError, match="cannot resume"):
+        run_sweep(cases, tmp_path, resume=True, logit_std=5.0, **FAST)
+
+
+def test_cli_refuses_an_implementation_that_cannot_run(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="no implementation has a case"):
+        cli_main(["run", "--impl", "sparse", "--classes", "1", "--batch", "4", "--out", str(tmp_path)])
 
 
 def test_out_of_memory_is_recorded_and_the_sweep_goes_on(tmp_path):
@@ -144,8 +169,12 @@ def test_schema_rejects_malformed_files(tmp_path):
     with pytest.raises(SchemaError, match="status 'great' is not one of"):
         read_rows(path)
     write_rows(path, [rows[1] | {"median_s": None}])
-    with pytest.raises(SchemaError, match="an ok row needs median_s"):
+    with pytest.raises(SchemaError, match="an ok row needs a finite median_s"):
         read_rows(path)
+    for column, bad in (("batch", "1.7"), ("batch", "inf"), ("device", "tpu"), ("dtype", "int8")):
+        write_rows(path, [rows[1] | {column: bad}])
+        with pytest.raises(SchemaError, match=column):
+            read_rows(path)
 
 
 def test_compare_flags_changes_beyond_noise(tmp_path):
@@ -168,14 +197,7 @@ def test_cli_run_plot_compare_end_to_end(tmp_path, capsys):
     assert cli_main(args) == 0
     rows = read_rows(out / "cpu")
     assert len(rows) == 4 * (1 + 3 * 3) and all(r["status"] == "ok" for r in rows)
-    for chart in (
-        "time_vs_batch",
-        "time_vs_classes",
-        "memory_vs_batch",
-        "memory_vs_classes",
-        "speedup",
-        "floor_multiple",
-    ):
+    for chart in CHARTS:
         png = out / "cpu" / f"{chart}_float32.png"
         assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
     summary = (out / "README.md").read_text()

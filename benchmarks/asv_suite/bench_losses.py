@@ -1,67 +1,81 @@
 """asv suite: time of each pass and its peak allocated bytes, over lsr.bench.grid.SUITE.
 
-A thin adapter: cases, inputs, passes and the memory meter all come from `lsr.bench`. asv's own
-`peakmem_` is the process's peak RSS (about 670 MB after `import torch`), which hides a loss's few
-MB, so memory is tracked with `track_` benchmarks of allocated bytes instead. Every timed call
-synchronises the device before it returns, so asv's wall-clock timer is right on GPUs too.
+A thin adapter: cases, inputs, passes and the memory meter all come from `lsr.bench`, and a
+(implementation, pass) pair runs here exactly when the grid has that case (an in-place
+implementation has no backward-only pass, for example). asv's own `peakmem_` is the process's peak
+RSS (about 670 MB after `import torch`), which hides a loss's few MB, so memory is tracked with
+`track_` benchmarks of allocated bytes. Every timed call synchronises the device before it
+returns, so asv's wall-clock timer is right on GPUs too.
 """
 
-import lsr
 from lsr.bench import measure
 from lsr.bench.grid import FLOOR, SUITE, Case
 
+CASES = {case.key() for case in SUITE.cases()}
 
-class _Passes:
+
+class _Pass:
+    """One pass of one implementation; subclasses name the pass."""
+
+    pass_name = ""
     params = (SUITE.implementations, SUITE.devices, SUITE.batches, SUITE.classes)
     param_names = ["implementation", "device", "batch", "classes"]
     timeout = 600
-    # Enough samples for a median, bounded so that `asv run` over a few commits takes minutes.
+    # Enough samples for a median, bounded so that `asv run` over a few commits stays bearable.
     repeat = (3, 10, 5.0)
     warmup_time = 0.2
 
     def setup(self, implementation, device, batch, classes):
-        impl = lsr.get(implementation)
-        if not impl.runs_on(device) or classes < impl.min_classes:
-            raise NotImplementedError(f"{implementation} does not run on {device}")
-        first = Case(implementation, device, SUITE.dtypes[0], batch, classes, SUITE.smoothings[0], "forward")
-        problem = measure.Problem.make(first)
-        self.passes = {
-            name: measure.Pass(Case(*first.key()[:-1], name), problem)
-            for name in ("forward", "backward", "forward+backward")
-        }
+        case = Case(
+            implementation, device, SUITE.dtypes[0], batch, classes, SUITE.smoothings[0], self.pass_name
+        )
+        if case.key() not in CASES:
+            raise NotImplementedError(
+                f"the grid has no {self.pass_name} case for {implementation} on {device}"
+            )
+        self.run = measure.Pass(case, measure.Problem.make(case))
+
+    def peak(self):
+        return measure.peak_bytes(self.run, self.run.device)
 
 
-class TimeLoss(_Passes):
+class Forward(_Pass):
+    pass_name = "forward"
+
     def time_forward(self, *_):
-        self.passes["forward"]()
+        self.run()
 
-    def time_backward(self, *_):
-        self.passes["backward"]()
-
-    def time_forward_backward(self, *_):
-        self.passes["forward+backward"]()
-
-
-class PeakMemory(_Passes):
     def track_peak_bytes_forward(self, *_):
-        return self._peak("forward")
-
-    def track_peak_bytes_backward(self, *_):
-        return self._peak("backward")
-
-    def track_peak_bytes_forward_backward(self, *_):
-        return self._peak("forward+backward")
-
-    def _peak(self, name):
-        run = self.passes[name]
-        return measure.peak_bytes(run, run.device)
+        return self.peak()
 
     track_peak_bytes_forward.unit = "bytes"
+
+
+class Backward(_Pass):
+    pass_name = "backward"
+
+    def time_backward(self, *_):
+        self.run()
+
+    def track_peak_bytes_backward(self, *_):
+        return self.peak()
+
     track_peak_bytes_backward.unit = "bytes"
+
+
+class ForwardBackward(_Pass):
+    pass_name = "forward+backward"
+
+    def time_forward_backward(self, *_):
+        self.run()
+
+    def track_peak_bytes_forward_backward(self, *_):
+        return self.peak()
+
     track_peak_bytes_forward_backward.unit = "bytes"
 
 
-class TimeFloor:
+class Floor:
     """torch.exp(z, out=buf) on the same logits: the reference every implementation is a multiple of."""
 
     params = (SUITE.devices, SUITE.batches, SUITE.classes)

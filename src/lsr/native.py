@@ -34,6 +34,8 @@ def native_label_smoothing(
     smoothing, reduction = check_smoothing(smoothing), check_reduction(reduction)
     batched, _, _ = check_input(input, target, ignore_index, validate_targets=validate_targets)
     check_weight(weight, batched.shape[1], input.device)
+    if weight is not None:
+        weight = weight.to(input.dtype)  # F.cross_entropy wants the input's dtype; the others convert too
     return F.cross_entropy(
         input,
         target.long(),

@@ -23,18 +23,25 @@ def _grids_from_args(args) -> list[grids.Grid]:
         raise SystemExit(f"lsr-bench: device {', '.join(missing)} is not present on this machine")
     chosen = []
     for base in grids.preset(args.preset, devices):
-        chosen.append(
-            grids.Grid(
-                implementations=args.impl
-                or [n for n in base.implementations if lsr.get(n).runs_on(base.devices[0])],
-                devices=base.devices,
-                dtypes=args.dtype or base.dtypes,
-                batches=args.batch or base.batches,
-                classes=args.classes or base.classes,
-                smoothings=args.smoothing or base.smoothings,
-                passes=args.pass_ or base.passes,
-            )
+        device = base.devices[0]
+        if args.impl:
+            cannot = [name for name in args.impl if not lsr.get(name).runs_on(device)]
+            if cannot:
+                raise SystemExit(
+                    f"lsr-bench: {', '.join(cannot)} cannot run on {device} here (see lsr.REGISTRY)"
+                )
+        grid = grids.Grid(
+            implementations=args.impl or [n for n in base.implementations if lsr.get(n).runs_on(device)],
+            devices=base.devices,
+            dtypes=args.dtype or base.dtypes,
+            batches=args.batch or base.batches,
+            classes=args.classes or base.classes,
+            smoothings=args.smoothing or base.smoothings,
+            passes=args.pass_ or base.passes,
         )
+        if not any(not case.is_floor for case in grid.cases()):
+            raise SystemExit(f"lsr-bench: no implementation has a case on {device} with these options")
+        chosen.append(grid)
     return chosen
 
 
@@ -170,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (SchemaError, FileNotFoundError) as e:
+    except (SchemaError, FileNotFoundError, ValueError) as e:
         print(f"lsr-bench: {e}", file=sys.stderr)
         return 2
 

@@ -222,8 +222,10 @@ def check_against_reference(case: Case, problem: Problem, loss_fn: Callable | No
     """Compare loss and gradient of a few rows (spread over the batch) with the float64 reference.
 
     The implementation runs on the whole batch, so size-dependent bugs show; only the sampled rows
-    are recomputed in float64 (rows are independent under reduction "none" and "sum"). Returns the
-    largest relative error; raises GateFailure past the dtype's tolerance.
+    are recomputed in float64 (rows are independent under reduction "none"). The timed reduction,
+    "mean", is checked against the mean of the rows, and its gradient, times N, against the
+    reference's per-row gradient. Returns the largest relative error; raises GateFailure past the
+    dtype's tolerance.
     """
     impl = lsr.get(case.implementation)
     loss_fn = loss_fn or impl.loss
@@ -238,13 +240,19 @@ def check_against_reference(case: Case, problem: Problem, loss_fn: Callable | No
         .to(logits.device)
     )
     sub = logits.detach()[rows].double().requires_grad_(True)  # before a backward that may overwrite them
-    per_row = loss_fn(logits, target, case.smoothing, "none").detach()[rows].double()
-    (grad,) = torch.autograd.grad(loss_fn(logits, target, case.smoothing, "sum"), logits)
-    grad = grad[rows].double()
+    per_row_all = loss_fn(logits, target, case.smoothing, "none").detach().double()
+    per_row = per_row_all[rows]
+    # The timed reduction is "mean": check its value and its gradient's scale too.
+    mean = loss_fn(logits, target, case.smoothing, "mean")
+    mean_value = float(mean.detach().double())
+    (grad,) = torch.autograd.grad(mean, logits)
+    grad = grad[rows].double() * case.batch  # the mean's gradient is the sum's over N (no ignored rows here)
     ref_per_row = impl.reference(sub, target[rows], case.smoothing, "none")
     (ref_grad,) = torch.autograd.grad(ref_per_row.sum(), sub)
     tol = GATE_TOLERANCE[case.dtype]
     loss_err = float(((per_row - ref_per_row.detach()).abs() / (ref_per_row.detach().abs() + 1)).max())
+    mean_of_rows = float(per_row_all.mean())
+    loss_err = max(loss_err, abs(mean_value - mean_of_rows) / (abs(mean_of_rows) + 1))
     grad_err = float((grad - ref_grad).norm() / (ref_grad.norm() + 1e-12))
     if not (loss_err <= tol and grad_err <= tol):  # also catches NaN
         raise GateFailure(

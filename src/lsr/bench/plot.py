@@ -8,9 +8,17 @@ from collections import defaultdict
 from pathlib import Path
 
 from lsr.bench.grid import FLOOR, PASSES
-from lsr.bench.results import RESULTS_FILE, SchemaError, read_metadata, read_rows
+from lsr.bench.results import RESULTS_FILE, SchemaError, atomic_write, read_metadata, read_rows
 
 MiB = 2**20
+CHARTS = (
+    "time_vs_batch",
+    "time_vs_classes",
+    "memory_vs_batch",
+    "memory_vs_classes",
+    "speedup",
+    "floor_multiple",
+)
 
 
 def load(path: str | Path) -> tuple[list[dict], dict]:
@@ -235,12 +243,38 @@ def _floor_multiple(rows, metadata, dtype, path):
     return path
 
 
+def variants(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """Rows split by (device, smoothing), each with its device's floor rows, and a file-name suffix.
+
+    Charts and tables index rows by implementation, pass, dtype and size, so each must see one
+    device and one smoothing. The suffix is empty when the run has just one of each.
+    """
+    keys = sorted({(r["device"], r["smoothing"]) for r in rows if r["implementation"] != FLOOR})
+    split = []
+    for device, smoothing in keys:
+        subset = [
+            r
+            for r in rows
+            if r["device"] == device and (r["implementation"] == FLOOR or r["smoothing"] == smoothing)
+        ]
+        suffix = "" if len(keys) == 1 else f"_{device}_smoothing{smoothing:g}"
+        split.append((suffix, subset))
+    return split
+
+
 def plot_run(rows: list[dict], metadata: dict, out_dir: Path) -> list[Path]:
-    """Every chart for one run (one device), per dtype, into out_dir."""
+    """Every chart for one run, per dtype (and per device and smoothing where it has several)."""
     import matplotlib
 
     matplotlib.use("Agg")
     out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for suffix, subset in variants(rows):
+        written += _plot_variant(subset, metadata, out_dir, suffix)
+    return written
+
+
+def _plot_variant(rows: list[dict], metadata: dict, out_dir: Path, suffix: str) -> list[Path]:
     written = []
     seconds = lambda r: r["median_s"]  # noqa: E731
     for dtype in sorted({r["dtype"] for r in _ok(rows)}):
@@ -254,7 +288,7 @@ def plot_run(rows: list[dict], metadata: dict, out_dir: Path) -> list[Path]:
                     seconds,
                     "median time (s)",
                     f"time vs {x_axis}",
-                    out_dir / f"time_vs_{x_axis}_{dtype}.png",
+                    out_dir / f"time_vs_{x_axis}_{dtype}{suffix}.png",
                     reference=FLOOR,
                 )
             )
@@ -267,12 +301,14 @@ def plot_run(rows: list[dict], metadata: dict, out_dir: Path) -> list[Path]:
                     lambda r: r["peak_bytes"] or None,
                     "peak allocated above inputs (bytes)",
                     f"peak memory vs {x_axis}",
-                    out_dir / f"memory_vs_{x_axis}_{dtype}.png",
+                    out_dir / f"memory_vs_{x_axis}_{dtype}{suffix}.png",
                     reference="gradient",
                 )
             )
-        written.append(_speedup_heatmaps(rows, metadata, dtype, out_dir / f"speedup_{dtype}.png"))
-        written.append(_floor_multiple(rows, metadata, dtype, out_dir / f"floor_multiple_{dtype}.png"))
+        written.append(_speedup_heatmaps(rows, metadata, dtype, out_dir / f"speedup_{dtype}{suffix}.png"))
+        written.append(
+            _floor_multiple(rows, metadata, dtype, out_dir / f"floor_multiple_{dtype}{suffix}.png")
+        )
     return [p for p in written if p is not None]
 
 
@@ -400,24 +436,20 @@ def write_summary(results_root: Path) -> Path:
         for r in rows:
             counts[r["status"]] += 1
         lines += [f"Cases: {len(rows)} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}).", ""]
-        for dtype in sorted({r["dtype"] for r in _ok(rows)}):
-            lines += [
-                f"### {dtype}, forward+backward at representative sizes",
-                "",
-                *summary_table(rows, dtype),
-                "",
-            ]
-            for chart in (
-                "time_vs_batch",
-                "time_vs_classes",
-                "memory_vs_batch",
-                "memory_vs_classes",
-                "speedup",
-                "floor_multiple",
-            ):
-                if (run_dir / f"{chart}_{dtype}.png").exists():
-                    lines.append(f"![{chart} {dtype}]({rel}/{chart}_{dtype}.png)")
-            lines.append("")
+        for suffix, subset in variants(rows):
+            for dtype in sorted({r["dtype"] for r in _ok(subset)}):
+                where = f" ({suffix.strip('_').replace('_', ', ')})" if suffix else ""
+                lines += [
+                    f"### {dtype}{where}, forward+backward at representative sizes",
+                    "",
+                    *summary_table(subset, dtype),
+                    "",
+                ]
+                for chart in CHARTS:
+                    name = f"{chart}_{dtype}{suffix}.png"
+                    if (run_dir / name).exists():
+                        lines.append(f"![{chart} {dtype}{where}]({rel}/{name})")
+                lines.append("")
         failures = [r for r in rows if r["status"] != "ok"]
         if failures:
             lines += [
@@ -434,5 +466,5 @@ def write_summary(results_root: Path) -> Path:
     if (results_root / "experiments" / "README.md").exists():
         lines += ["## The paper's experiments", "", "See [experiments/README.md](experiments/README.md).", ""]
     path = results_root / "README.md"
-    path.write_text("\n".join(lines))
+    atomic_write(path, "\n".join(lines))
     return path

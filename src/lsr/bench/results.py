@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -60,6 +61,9 @@ OPTIONAL = {
     "message",
 }
 STATUSES = ("ok", "failed", "oom", "error")
+DEVICES = ("cpu", "cuda", "mps")
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+KINDS = ("exact", "sparse", "floor")
 PASSES = ("forward", "backward", "forward+backward")
 RESULTS_FILE, METADATA_FILE = "results.csv", "metadata.json"
 
@@ -92,6 +96,19 @@ def write_rows(path: Path, rows: list[dict]) -> None:
     atomic_write(path, buffer.getvalue())
 
 
+def _convert(raw: str, kind: type, finite: bool):
+    if kind is str:
+        return raw
+    value = float(raw)
+    if kind is int:
+        if not value.is_integer():
+            raise ValueError(raw)
+        return int(value)
+    if finite and not math.isfinite(value):
+        raise ValueError(raw)
+    return value
+
+
 def _parse(row: dict, line: int, path: Path) -> dict:
     parsed = {}
     for column, kind in COLUMNS.items():
@@ -104,8 +121,8 @@ def _parse(row: dict, line: int, path: Path) -> dict:
             parsed[column] = None if kind is not str else ""
             continue
         try:
-            parsed[column] = kind(float(raw)) if kind is int else kind(raw)
-        except ValueError:
+            parsed[column] = _convert(raw, kind, finite=column not in OPTIONAL)
+        except (ValueError, OverflowError):
             raise SchemaError(
                 f"{path}:{line}: column {column!r} should be {kind.__name__}, got {raw!r}"
             ) from None
@@ -113,8 +130,13 @@ def _parse(row: dict, line: int, path: Path) -> dict:
         raise SchemaError(f"{path}:{line}: status {parsed['status']!r} is not one of {STATUSES}")
     if parsed["pass"] not in PASSES:
         raise SchemaError(f"{path}:{line}: pass {parsed['pass']!r} is not one of {PASSES}")
-    if parsed["status"] == "ok" and parsed["median_s"] is None:
-        raise SchemaError(f"{path}:{line}: an ok row needs median_s")
+    for column, allowed in (("device", DEVICES), ("dtype", DTYPES), ("smoothing_kind", KINDS)):
+        if parsed[column] not in allowed:
+            raise SchemaError(f"{path}:{line}: {column} {parsed[column]!r} is not one of {allowed}")
+    if parsed["status"] == "ok" and not (
+        parsed["median_s"] is not None and math.isfinite(parsed["median_s"])
+    ):
+        raise SchemaError(f"{path}:{line}: an ok row needs a finite median_s")
     return parsed
 
 

@@ -17,7 +17,15 @@ import torch
 import lsr
 from lsr.bench import measure
 from lsr.bench.grid import DTYPES, FLOOR, Case
-from lsr.bench.results import COLUMNS, METADATA_FILE, RESULTS_FILE, read_rows, write_metadata, write_rows
+from lsr.bench.results import (
+    COLUMNS,
+    METADATA_FILE,
+    RESULTS_FILE,
+    read_metadata,
+    read_rows,
+    write_metadata,
+    write_rows,
+)
 
 
 def device_name(device: str) -> str:
@@ -155,6 +163,12 @@ class Progress:
         self.stream.flush()
 
 
+def _case_of(row: dict) -> Case:
+    return Case(
+        *(row[k] for k in ("implementation", "device", "dtype", "batch", "classes", "smoothing", "pass"))
+    )
+
+
 def run_sweep(
     cases: Iterable[Case],
     out_dir: Path,
@@ -168,24 +182,33 @@ def run_sweep(
 ) -> list[dict]:
     """Measure `cases` into out_dir/results.csv, rewriting it (atomically) after every row.
 
-    resume: keep the rows already in out_dir and skip their cases. loss_fns: overrides of the
-    registry's functions by name (tests use it to plant a wrong or failing implementation).
+    resume: keep the rows already measured ok in out_dir and skip their cases; failed, oom and
+    error rows are measured again. Refused when the settings that change numbers (threads, logit
+    std, timing budget) differ from the first run's. loss_fns: overrides of the registry's functions
+    by name (tests use it to plant a wrong or failing implementation).
     """
     cases = list(cases)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / RESULTS_FILE
-    rows = read_rows(results_path) if resume and results_path.exists() else []
-    done = {
-        Case(
-            r["implementation"], r["device"], r["dtype"], r["batch"], r["classes"], r["smoothing"], r["pass"]
-        ).key()
-        for r in rows
-    }
-    todo = [case for case in cases if case.key() not in done]
     devices = sorted({case.device for case in cases})
-    write_metadata(
-        out_dir / METADATA_FILE, environment(devices[0] if len(devices) == 1 else ",".join(devices), preset)
-    )
+    metadata = environment(devices[0] if len(devices) == 1 else ",".join(devices), preset)
+    metadata["settings"] = {"threads": torch.get_num_threads(), "logit_std": logit_std, "min_time": min_time}
+    rows = []
+    if resume and results_path.exists():
+        previous = read_metadata(out_dir)
+        if previous.get("settings", metadata["settings"]) != metadata["settings"]:
+            raise ValueError(
+                f"cannot resume {out_dir}: it was measured with {previous['settings']}, this run uses "
+                f"{metadata['settings']}; start afresh in another --out"
+            )
+        rows = [r for r in read_rows(results_path) if r["status"] == "ok"]
+        metadata["resumed"] = [
+            *previous.get("resumed", []),
+            {k: previous.get(k) for k in ("git_commit", "date")},
+        ]
+    done = {_case_of(r).key() for r in rows}
+    todo = [case for case in cases if case.key() not in done]
+    write_metadata(out_dir / METADATA_FILE, metadata)
 
     bar = Progress(len(todo), enabled=progress)
     problem_key, problem = None, None

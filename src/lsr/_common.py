@@ -158,3 +158,16 @@ def reduce_rows(
     else:
         denominator = torch.where(rows.valid, row_weight, torch.zeros_like(row_weight)).sum()
     return (total / denominator).to(out_dtype)
+
+
+class LabelSmoothingLoss(torch.nn.Module):
+    """Base of the loss modules: the arguments every loss takes, checked once at construction."""
+
+    def __init__(self, smoothing: float = 0.0, reduction: str = "mean", ignore_index: int = -100):
+        super().__init__()
+        self.smoothing = check_smoothing(smoothing)
+        self.reduction = check_reduction(reduction)
+        self.ignore_index = ignore_index
+
+    def extra_repr(self) -> str:
+        return f"smoothing={self.smoothing}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"

@@ -17,7 +17,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lsr._common import as_rows, check_reduction, check_smoothing, check_weight, compute_dtype, reduce_rows
+from lsr._common import (
+    LabelSmoothingLoss,
+    as_rows,
+    check_reduction,
+    check_smoothing,
+    check_weight,
+    compute_dtype,
+    reduce_rows,
+)
 
 
 def dense_label_smoothing(
@@ -55,7 +63,7 @@ def dense_label_smoothing(
     return reduce_rows(row_loss, rows, reduction, input.dtype, row_weight=weight[rows.safe_target])
 
 
-class LSRLoss(torch.nn.Module):
+class LSRLoss(LabelSmoothingLoss):
     """Dense label smoothing as a module (the paper's baseline).
 
     Example:
@@ -70,16 +78,10 @@ class LSRLoss(torch.nn.Module):
         ignore_index: int = -100,
         weight: torch.Tensor | None = None,
     ):
-        super().__init__()
-        self.smoothing = check_smoothing(smoothing)
-        self.reduction = check_reduction(reduction)
-        self.ignore_index = ignore_index
+        super().__init__(smoothing, reduction, ignore_index)
         self.register_buffer("weight", weight)
 
     def forward(self, y_pred: torch.Tensor, y_target: torch.Tensor) -> torch.Tensor:
         return dense_label_smoothing(
             y_pred, y_target, self.smoothing, self.reduction, self.ignore_index, weight=self.weight
         )
-
-    def extra_repr(self) -> str:
-        return f"smoothing={self.smoothing}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"

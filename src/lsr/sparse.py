@@ -18,7 +18,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lsr._common import as_rows, check_reduction, check_smoothing, compute_dtype, reduce_rows
+from lsr._common import (
+    LabelSmoothingLoss,
+    as_rows,
+    check_reduction,
+    check_smoothing,
+    compute_dtype,
+    reduce_rows,
+)
 
 # The paper's constant guarding log(0) when p_y rounds to 1.
 PAPER_EPS = 1e-7
@@ -90,7 +97,7 @@ def seed_snippet_sparse_lsr(
     return reduce_rows(row_loss, rows, reduction, input.dtype)
 
 
-class SparseLSRLoss(torch.nn.Module):
+class SparseLSRLoss(LabelSmoothingLoss):
     """SparseLSR as a module, a drop-in for the seed repository's class (now with the paper's sign).
 
     Example:
@@ -100,13 +107,7 @@ class SparseLSRLoss(torch.nn.Module):
     """
 
     def __init__(self, smoothing: float = 0.0, reduction: str = "mean", ignore_index: int = -100):
-        super().__init__()
-        self.smoothing = check_smoothing(smoothing)
-        self.reduction = check_reduction(reduction)
-        self.ignore_index = ignore_index
+        super().__init__(smoothing, reduction, ignore_index)
 
     def forward(self, y_pred: torch.Tensor, y_target: torch.Tensor) -> torch.Tensor:
         return sparse_label_smoothing(y_pred, y_target, self.smoothing, self.reduction, self.ignore_index)
-
-    def extra_repr(self) -> str:
-        return f"smoothing={self.smoothing}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"

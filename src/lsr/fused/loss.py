@@ -32,7 +32,14 @@ import importlib.util
 
 import torch
 
-from lsr._common import as_rows, check_reduction, check_smoothing, check_weight, compute_dtype
+from lsr._common import (
+    LabelSmoothingLoss,
+    as_rows,
+    check_reduction,
+    check_smoothing,
+    check_weight,
+    compute_dtype,
+)
 from lsr.fused import cpu
 from lsr.sparse import PAPER_EPS
 
@@ -255,7 +262,7 @@ def fused_sparse_label_smoothing(
 # --- modules -------------------------------------------------------------------------------------------
 
 
-class FusedLSRLoss(torch.nn.Module):
+class FusedLSRLoss(LabelSmoothingLoss):
     """`fused_label_smoothing` as a module, a drop-in for `nn.CrossEntropyLoss(label_smoothing=)`.
 
     With validate_targets=False it compiles without graph breaks (`torch.compile(fullgraph=True)`):
@@ -276,10 +283,7 @@ class FusedLSRLoss(torch.nn.Module):
         inplace_backward: bool = False,
         validate_targets: bool | None = None,
     ):
-        super().__init__()
-        self.smoothing = check_smoothing(smoothing)
-        self.reduction = check_reduction(reduction)
-        self.ignore_index = ignore_index
+        super().__init__(smoothing, reduction, ignore_index)
         self.inplace_backward = inplace_backward
         self.validate_targets = validate_targets
         self.register_buffer("weight", weight)
@@ -297,13 +301,10 @@ class FusedLSRLoss(torch.nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return (
-            f"smoothing={self.smoothing}, reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
-            f"inplace_backward={self.inplace_backward}"
-        )
+        return f"{super().extra_repr()}, inplace_backward={self.inplace_backward}"
 
 
-class FusedSparseLSRLoss(torch.nn.Module):
+class FusedSparseLSRLoss(LabelSmoothingLoss):
     """`fused_sparse_label_smoothing` as a module, a drop-in for `lsr.SparseLSRLoss`.
 
     Example:
@@ -320,10 +321,7 @@ class FusedSparseLSRLoss(torch.nn.Module):
         inplace_backward: bool = False,
         validate_targets: bool | None = None,
     ):
-        super().__init__()
-        self.smoothing = check_smoothing(smoothing)
-        self.reduction = check_reduction(reduction)
-        self.ignore_index = ignore_index
+        super().__init__(smoothing, reduction, ignore_index)
         self.inplace_backward = inplace_backward
         self.validate_targets = validate_targets
 
@@ -339,7 +337,4 @@ class FusedSparseLSRLoss(torch.nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return (
-            f"smoothing={self.smoothing}, reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
-            f"inplace_backward={self.inplace_backward}"
-        )
+        return f"{super().extra_repr()}, inplace_backward={self.inplace_backward}"

@@ -1,6 +1,15 @@
-"""Shared test inputs."""
+"""What the tests share: random inputs, tolerances, and the comparison against the float64 definitions."""
 
 import torch
+
+from lsr.types import REDUCTIONS  # noqa: F401 - re-exported for the tests' parametrisations
+
+TOLERANCE = {  # (rtol, atol) against float64, by the computed dtype
+    torch.float64: (1e-9, 1e-9),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (5e-3, 5e-3),
+    torch.bfloat16: (2e-2, 2e-2),
+}
 
 
 def random_problem(shape, scale=1.0, dtype=torch.float32, ignore_fraction=0.0, seed=0, ignore_index=-100):
@@ -13,3 +22,31 @@ def random_problem(shape, scale=1.0, dtype=torch.float32, ignore_fraction=0.0, s
         drop = torch.rand(target_shape, generator=gen) < ignore_fraction
         target = torch.where(drop, torch.full_like(target, ignore_index), target)
     return logits, target
+
+
+def loss_and_grad(fn, logits, target, **kwargs):
+    """Loss and d(sum(loss * u))/d(logits) for a fixed random u, so 'none' gets a non-trivial backward."""
+    x = logits.detach().clone().requires_grad_(True)
+    out = fn(x, target, **kwargs)
+    upstream = torch.rand(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5
+    (out.double() * upstream).sum().backward()
+    return out.detach(), x.grad
+
+
+def plain_grad(fn, logits, target, **kwargs):
+    """d(loss)/d(logits) for a scalar loss, as .backward() gives it."""
+    x = logits.detach().clone().requires_grad_(True)
+    fn(x, target, **kwargs).backward()
+    return x.grad
+
+
+def check(fn, ref, logits, target, rtol=None, atol=None, **kwargs):
+    """`fn` agrees with the float64 `ref` in loss and gradient, with dtypes and shapes as expected."""
+    default_rtol, default_atol = TOLERANCE[logits.dtype]
+    rtol, atol = rtol or default_rtol, atol or default_atol
+    loss, grad = loss_and_grad(fn, logits, target, **kwargs)
+    ref_loss, ref_grad = loss_and_grad(ref, logits.double(), target, **kwargs)
+    assert loss.dtype == logits.dtype and loss.shape == ref_loss.shape
+    assert grad.dtype == logits.dtype and grad.shape == logits.shape
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=rtol, atol=atol)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=rtol, atol=atol)

@@ -1,6 +1,7 @@
 """The benchmark's machinery: the memory meter, the gate, failures, resume, schema, CLI, asv."""
 
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,9 @@ import lsr
 from lsr.bench import measure
 from lsr.bench.cli import main as cli_main
 from lsr.bench.compare import compare
-from lsr.bench.grid import FLOOR, Case, Grid
-from lsr.bench.plot import CHARTS
-from lsr.bench.results import SchemaError, read_rows, write_rows
+from lsr.bench.grid import Grid
+from lsr.bench.report import CHARTS
+from lsr.bench.results import FLOOR, Case, SchemaError, read_rows, write_rows
 from lsr.bench.runner import run_sweep
 
 EAGER = ["native", "dense", "sparse"]
@@ -52,10 +53,19 @@ def test_cpu_meter_ignores_what_existed_before():
 
 
 def test_native_forward_backward_peak_is_three_logits():
-    """NOTES section 5: 1000 x 1000 float32 forward+backward of native peaks at 12.0 MB."""
+    """log_softmax saved for backward, its gradient, the input's gradient: 3 x 4 MB at 1000 x 1000 float32."""
     case = Case("native", "cpu", "float32", 1000, 1000, 0.1, "forward+backward")
-    peak = measure.peak_bytes(measure.Pass(case, measure.Problem.make(case)), torch.device("cpu"))
+    timed = measure.Pass(case, measure.Problem.make(case), lsr.get("native"))
+    peak = measure.peak_bytes(timed, torch.device("cpu"))
     assert 12_000_000 <= peak <= 12_100_000
+
+
+def test_measurement_keeps_samples_and_flags_a_wide_spread():
+    steady = measure.time_pass(lambda: sum(range(1000)), min_time=0.01, min_samples=5)
+    assert len(steady.samples) >= 5 and steady.runs == len(steady.samples) * steady.runs_per_sample
+    assert steady.median == statistics.median(steady.samples) and steady.threads == torch.get_num_threads()
+    noisy = measure.Measurement((1.0, 1.0, 2.0, 3.0, 3.0), runs_per_sample=1, threads=1)
+    assert noisy.median == 2.0 and noisy.iqr == 2.0 and "IQR 100%" in noisy.warning
 
 
 # --- the sweep: gate, failures, resume ------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 
-from lsr.experiments import approximation, loss_shapes, report, train  # noqa: E402
+from lsr.experiments import approximation, data, loss_shapes, models, outputs, report, train, training  # noqa: E402
 from lsr.sparse import PAPER_EPS  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
@@ -141,24 +141,24 @@ def test_approximation_sweep_writes_csv_and_charts(tmp_path):
 def test_expected_calibration_error():
     labels = torch.tensor([0, 1, 0, 1])
     perfect = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
-    assert train.expected_calibration_error(perfect, labels) == 0.0
+    assert training.expected_calibration_error(perfect, labels) == 0.0
     wrong = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
-    assert train.expected_calibration_error(wrong, labels) == pytest.approx(1.0)
+    assert training.expected_calibration_error(wrong, labels) == pytest.approx(1.0)
 
 
-def test_progress_bar_writes_to_its_stream(capsys):
-    import io
-
-    stream = io.StringIO()
-    bar = train.ProgressBar(4, "run", stream=stream, min_interval=0)
-    for _ in range(4):
-        bar.update(1, "ok")
-    bar.close("done")
-    assert "4/4" in stream.getvalue() and stream.getvalue().endswith("done\x1b[K\n")
+def test_summary_table_shows_mean_and_spread():
+    row = {"label": "CE", "seeds": 2} | {f"{m}_mean": 0.5 for m in training.METRIC_NAMES}
+    one_seed = row | {"seeds": 1} | {f"{m}_std": math.nan for m in training.METRIC_NAMES}
+    two_seeds = row | {f"{m}_std": 0.25 for m in training.METRIC_NAMES}
+    lines = outputs.summary_table([one_seed, two_seeds]).splitlines()
+    assert lines[0].startswith("| loss | seeds | test accuracy (%) | ECE (%) |")
+    assert lines[1] == "|---|" + "---:|" * 7
+    assert lines[2] == "| CE | 1 | 50.00 | 50.00 | 0.500 | 0.50 | 0.5000 | 0.500 |"
+    assert lines[3].startswith("| CE | 2 | 50.00 ± 25.00 | 50.00 ± 25.00 | 0.500 ± 0.250 |")
 
 
 def test_lsr_train_on_tiny_digits(tmp_path, capsys):
-    paths = train.main(
+    paths = train.run_command(
         ["--max-train", "200", "--max-test", "80", "--epochs", "1", "--seeds", "0", "1"]
         + ["--losses", "ce", "lsr", "sparse", "--out", str(tmp_path)]
     )
@@ -178,6 +178,10 @@ def test_lsr_train_on_tiny_digits(tmp_path, capsys):
         assert float(r["nll"]) > 0 and float(r["ms_per_step"]) > 0
     summary = json.loads(paths["summary_json"].read_text())
     assert [row["seeds"] for row in summary["summary"]] == [2, 2, 2]
+    meta = summary["meta"]
+    assert meta["dataset"] == "digits" and meta["tsne_file"] == "train_digits_tsne.png"
+    assert meta["torch_version"] == torch.__version__ and meta["command"].startswith("lsr-train ")
+    assert {"cpu_model", "vector_isa", "git_commit", "threads", "epochs", "seeds"} <= meta.keys()
     assert "lsr-train --max-train 200" in paths["summary_md"].read_text()
     assert "test accuracy" in capsys.readouterr().err  # the progress bar
     # The README reads these results and a small approximation sweep.
@@ -189,12 +193,13 @@ def test_lsr_train_on_tiny_digits(tmp_path, capsys):
     assert "## Training comparison: digits" in readme and "Reading the charts" in readme
     assert "SparseLSR against exact LSR on the trained models" in readme
     # Same seed, same initial weights and batches: CE runs repeat exactly.
-    again = train.main(
+    again = train.run_command(
         ["--max-train", "200", "--max-test", "80", "--epochs", "1", "--seeds", "0"]
         + ["--losses", "ce", "--no-progress", "--out", str(tmp_path / "again")]
     )
     with again["runs"].open() as f:
         assert next(csv.DictReader(f))["nll"] == runs[0]["nll"]
+    assert "seed 0" not in capsys.readouterr().err  # --no-progress
 
 
 def test_unknown_loss_is_refused(capsys):
@@ -204,8 +209,8 @@ def test_unknown_loss_is_refused(capsys):
 
 
 def test_cifar10_missing_files_error_says_where_to_put_them(tmp_path, capsys):
-    with pytest.raises(train.Cifar10NotFoundError, match="cifar-10-python.tar.gz") as info:
-        train.find_cifar10_dir(tmp_path)
+    with pytest.raises(data.Cifar10NotFoundError, match="cifar-10-python.tar.gz") as info:
+        data.find_cifar10_dir(tmp_path)
     assert "cifar-10-batches-py" in str(info.value) and "downloads nothing" in str(info.value)
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--out", str(tmp_path)])
@@ -216,7 +221,7 @@ def test_cifar10_missing_files_error_says_where_to_put_them(tmp_path, capsys):
 def _fake_cifar10(folder, per_batch=16):
     folder.mkdir()
     rng = np.random.default_rng(0)
-    for name in (*train.CIFAR10_TRAIN_FILES, train.CIFAR10_TEST_FILE):
+    for name in (*data.CIFAR10_TRAIN_FILES, data.CIFAR10_TEST_FILE):
         batch = {
             b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
             b"labels": list(range(10)) + [0] * (per_batch - 10),
@@ -226,12 +231,12 @@ def _fake_cifar10(folder, per_batch=16):
 
 
 def test_cifar10_loader_and_alexnet_on_fake_batches(tmp_path):
-    _fake_cifar10(tmp_path / train.CIFAR10_FOLDER)
-    data = train.load_cifar10_dataset(tmp_path, max_train=40)
-    assert data.x_train.shape == (40, 3, 32, 32) and data.x_test.shape == (16, 3, 32, 32)
-    assert data.num_classes == 10 and data.augment
-    augmented = train.augment_batch(data.x_train[:4], torch.Generator().manual_seed(0))
+    _fake_cifar10(tmp_path / data.CIFAR10_FOLDER)
+    cifar = data.load_cifar10_dataset(tmp_path, max_train=40)
+    assert cifar.x_train.shape == (40, 3, 32, 32) and cifar.x_test.shape == (16, 3, 32, 32)
+    assert cifar.num_classes == 10 and cifar.augment
+    augmented = data.augment_batch(cifar.x_train[:4], torch.Generator().manual_seed(0))
     assert augmented.shape == (4, 3, 32, 32)
-    model = train.AlexNet()
-    logits, features = train.predict(model, data.x_test, torch.device("cpu"))
+    model = models.AlexNet()
+    logits, features = training.predict(model, cifar.x_test, torch.device("cpu"))
     assert logits.shape == (16, 10) and features.shape == (16, 4096)

@@ -7,29 +7,13 @@ import torch
 import torch.nn.functional as F
 
 import lsr
-from helpers import random_problem
+from helpers import REDUCTIONS, check, loss_and_grad, random_problem
 from lsr.demo import minimise_one_row
 from lsr.reference import exact_reference, sparse_reference
 
-REDUCTIONS = ["mean", "sum", "none"]
-
-
-def loss_and_grad(fn, logits, target, **kwargs):
-    """Loss and d(sum(loss * r))/d(logits) for a fixed random r, so 'none' gets a non-trivial backward."""
-    x = logits.detach().clone().requires_grad_(True)
-    out = fn(x, target, **kwargs)
-    upstream = torch.rand(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5
-    (out.double() * upstream).sum().backward()
-    return out.detach(), x.grad
-
 
 def assert_matches_reference(impl, logits, target, rtol, atol, **kwargs):
-    loss, grad = loss_and_grad(impl.loss, logits, target, **kwargs)
-    ref_loss, ref_grad = loss_and_grad(impl.reference, logits.double(), target, **kwargs)
-    assert loss.dtype == logits.dtype and loss.shape == ref_loss.shape
-    assert grad.dtype == logits.dtype
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=rtol, atol=atol)
-    torch.testing.assert_close(grad.double(), ref_grad, rtol=rtol, atol=atol)
+    check(impl.loss, impl.reference, logits, target, rtol=rtol, atol=atol, **kwargs)
 
 
 @pytest.mark.parametrize("shape", [(7, 5), (4, 3, 6), (3, 4, 2, 5), (6,)])

@@ -1,13 +1,9 @@
-"""pytest-benchmark: machine fields that make a saved run readable on its own."""
+"""pytest-benchmark: the machine fields of lsr.bench.environment, so a saved run is readable on its own."""
 
 import torch
 
-from lsr.bench.runner import device_name
+from lsr.bench.environment import environment
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    machine_info["torch_version"] = torch.__version__
-    machine_info["cuda_version"] = torch.version.cuda
-    machine_info["lsr_device_name"] = device_name(device)
-    machine_info["torch_threads"] = torch.get_num_threads()
+    machine_info["lsr"] = environment("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,20 +1,21 @@
-"""pytest-benchmark suite over lsr.bench.grid.SUITE: every case of the grid, peak memory in extra_info.
+"""pytest-benchmark suite over the suite grid of lsr.bench.grid: every case, peak memory in extra_info.
 
     pytest benchmarks/pytest_suite --benchmark-json=run.json     # then: lsr-bench plot run.json
+    LSR_ASV_PROFILE=full pytest benchmarks/pytest_suite ...      # the larger grid
 
 Cases, inputs, passes, the correctness gate and the memory meter come from `lsr.bench`; each timed
-call synchronises the device before returning. The JSON's extra_info carries the case, so
-`lsr-bench plot` reads it like a results.csv.
+call synchronises the device before returning. The JSON's extra_info carries the case as a results
+row, so `lsr-bench plot` reads it like a results.csv.
 """
 
 import pytest
 import torch
 
-from lsr.bench import measure
-from lsr.bench.grid import SUITE
-from lsr.bench.runner import base_row
+import lsr
+from lsr.bench import grid, measure
+from lsr.bench.results import new_row
 
-CASES = list(SUITE.cases())
+CASES = list(grid.suite().cases())
 
 
 @pytest.mark.parametrize(
@@ -22,10 +23,11 @@ CASES = list(SUITE.cases())
 )
 def test_loss(benchmark, case):
     problem = measure.Problem.make(case)
-    if not case.is_floor:
-        measure.check_against_reference(case, problem)  # never time a wrong answer
-    timed = measure.Pass(case, problem)
-    benchmark.extra_info["case"] = base_row(case)
+    impl = None if case.is_floor else lsr.get(case.implementation)
+    if impl is not None:
+        measure.check_against_reference(case, problem, impl)  # never time a wrong answer
+    timed = measure.Pass(case, problem, impl)
+    benchmark.extra_info["case"] = new_row(case, "floor" if impl is None else impl.smoothing_kind)
     benchmark.extra_info["peak_bytes"] = measure.peak_bytes(timed, timed.device)
     benchmark.extra_info["threads"] = torch.get_num_threads()
     benchmark(timed)

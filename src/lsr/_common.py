@@ -10,8 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-REDUCTIONS = ("mean", "sum", "none")
-HALF_DTYPES = (torch.float16, torch.bfloat16)
+from lsr.types import HALF_DTYPES, REDUCTIONS, Reduction
 
 
 def check_smoothing(smoothing: float) -> float:
@@ -23,7 +22,7 @@ def check_smoothing(smoothing: float) -> float:
     return float(smoothing)
 
 
-def check_reduction(reduction: str) -> str:
+def check_reduction(reduction: str) -> Reduction:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     return reduction

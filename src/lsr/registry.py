@@ -7,25 +7,26 @@ need optional packages (Triton) say so through `is_available`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from lsr.dense import dense_label_smoothing
+from lsr.fused import fused_label_smoothing, fused_sparse_label_smoothing, triton_available
 from lsr.native import native_label_smoothing
 from lsr.reference import exact_reference, sparse_reference
 from lsr.sparse import sparse_label_smoothing
-
-LossFn = Callable[..., torch.Tensor]
+from lsr.types import DEVICES, SMOOTHING_KINDS, Device, LossFn, SmoothingKind
 
 
 @dataclass(frozen=True)
 class Implementation:
     name: str
     loss: LossFn  # loss(input, target, smoothing, reduction, ignore_index[, weight=])
-    smoothing_kind: str  # "exact" or "sparse": the function it computes
-    devices: tuple[str, ...]  # device types it runs on
+    smoothing_kind: SmoothingKind  # the function it computes
+    devices: tuple[Device, ...]  # device types it runs on
     supports_weight: bool
     min_classes: int
     description: str
@@ -47,8 +48,8 @@ REGISTRY: dict[str, Implementation] = {}
 
 
 def register(impl: Implementation) -> Implementation:
-    if impl.smoothing_kind not in ("exact", "sparse"):
-        raise ValueError(f"smoothing_kind must be 'exact' or 'sparse', got {impl.smoothing_kind!r}")
+    if impl.smoothing_kind not in SMOOTHING_KINDS:
+        raise ValueError(f"smoothing_kind must be one of {SMOOTHING_KINDS}, got {impl.smoothing_kind!r}")
     if impl.name in REGISTRY:
         raise ValueError(f"an implementation named {impl.name!r} is already registered")
     REGISTRY[impl.name] = impl
@@ -67,14 +68,12 @@ def available(device: str | torch.device = "cpu") -> list[Implementation]:
     return [impl for impl in REGISTRY.values() if impl.runs_on(device)]
 
 
-ALL_DEVICES = ("cpu", "cuda", "mps")
-
 register(
     Implementation(
         name="native",
         loss=native_label_smoothing,
         smoothing_kind="exact",
-        devices=ALL_DEVICES,
+        devices=DEVICES,
         supports_weight=True,
         min_classes=1,
         description="PyTorch F.cross_entropy(label_smoothing=)",
@@ -85,7 +84,7 @@ register(
         name="dense",
         loss=dense_label_smoothing,
         smoothing_kind="exact",
-        devices=ALL_DEVICES,
+        devices=DEVICES,
         supports_weight=True,
         min_classes=1,
         description="N x C smoothed targets times log_softmax (the paper's baseline)",
@@ -96,7 +95,7 @@ register(
         name="sparse",
         loss=sparse_label_smoothing,
         smoothing_kind="sparse",
-        devices=ALL_DEVICES,
+        devices=DEVICES,
         supports_weight=False,
         min_classes=2,
         description="SparseLSR, equation 15, eager PyTorch",
@@ -104,10 +103,6 @@ register(
 )
 
 # --- fused losses (lsr.fused): Triton on CUDA, compiled PyTorch on CPU ---------------------------------
-
-import functools  # noqa: E402
-
-from lsr.fused import fused_label_smoothing, fused_sparse_label_smoothing, triton_available  # noqa: E402
 
 
 def _fused_is_available(device: str) -> bool:

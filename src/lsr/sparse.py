@@ -26,9 +26,7 @@ from lsr._common import (
     compute_dtype,
     reduce_rows,
 )
-
-# The paper's constant guarding log(0) when p_y rounds to 1.
-PAPER_EPS = 1e-7
+from lsr.constants import PAPER_EPS
 
 
 def _target_log_prob(input, target, ignore_index, validate_targets):

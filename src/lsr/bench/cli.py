@@ -11,9 +11,12 @@ import torch
 import lsr
 from lsr.bench import grid as grids
 from lsr.bench.compare import compare, format_comparison
-from lsr.bench.plot import load, plot_run, plot_side_by_side, write_summary
-from lsr.bench.results import SchemaError
+from lsr.bench.plot import plot_run, plot_side_by_side
+from lsr.bench.report import write_summary
+from lsr.bench.results import FLOOR, PASSES, SchemaError, load
 from lsr.bench.runner import run_sweep
+from lsr.bench.tables import format_table
+from lsr.types import DEVICES, DTYPES
 
 
 def _grids_from_args(args) -> list[grids.Grid]:
@@ -46,30 +49,45 @@ def _grids_from_args(args) -> list[grids.Grid]:
 
 
 def print_table(rows: list[dict]) -> None:
-    """forward+backward medians, one line per implementation and size, with ratios to the floor."""
+    """Medians, one line per case, with forward+backward's ratio to the floor and the peak memory."""
     floors = {
         (r["device"], r["dtype"], r["batch"], r["classes"]): r
         for r in rows
-        if r["implementation"] == grids.FLOOR and r["status"] == "ok"
+        if r["implementation"] == FLOOR and r["status"] == "ok"
     }
-    print(
-        f"\n{'implementation':<20} {'device':<6} {'dtype':<9} {'N':>6} {'C':>7} {'pass':<17} {'median ms':>10} {'IQR ms':>8} {'x floor':>8} {'peak MiB':>9}  status"
-    )
+    lines = []
     for r in rows:
         floor = floors.get((r["device"], r["dtype"], r["batch"], r["classes"]))
         ok = r["status"] == "ok"
-        median = f"{r['median_s'] * 1e3:10.3f}" if ok else f"{'':>10}"
-        iqr = f"{r['iqr_s'] * 1e3:8.3f}" if ok else f"{'':>8}"
-        ratio = (
-            f"{r['median_s'] / floor['median_s']:8.2f}"
-            if ok and floor and r["pass"] == "forward+backward"
-            else f"{'':>8}"
+        ratio = ok and floor and r["pass"] == "forward+backward"
+        lines.append(
+            [
+                r["implementation"],
+                r["device"],
+                r["dtype"],
+                r["batch"],
+                r["classes"],
+                r["pass"],
+                f"{r['median_s'] * 1e3:.3f}" if ok else "",
+                f"{r['iqr_s'] * 1e3:.3f}" if ok else "",
+                f"{r['median_s'] / floor['median_s']:.2f}" if ratio else "",
+                f"{r['peak_bytes'] / 2**20:.1f}" if r.get("peak_bytes") is not None else "",
+                r["status"] if not r["message"] else f"{r['status']}: {r['message'][:60]}",
+            ]
         )
-        peak = f"{r['peak_bytes'] / 2**20:9.1f}" if r.get("peak_bytes") is not None else f"{'':>9}"
-        status = r["status"] if ok else f"{r['status']}: {r['message'][:60]}"
-        print(
-            f"{r['implementation']:<20} {r['device']:<6} {r['dtype']:<9} {r['batch']:>6} {r['classes']:>7} {r['pass']:<17} {median} {iqr} {ratio} {peak}  {status}"
-        )
+    headers = [
+        "implementation",
+        "device",
+        "dtype",
+        "N",
+        "C",
+        "pass",
+        "median ms",
+        "IQR ms",
+        "x floor",
+        "peak MiB",
+    ]
+    print("\n" + format_table([*headers, "status"], lines, align="lllrrlrrrrl"))
 
 
 def cmd_run(args) -> int:
@@ -139,12 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--impl", nargs="+", choices=list(lsr.REGISTRY), help="implementations (default: all that run)"
     )
-    run.add_argument("--device", nargs="+", choices=["cpu", "cuda", "mps"])
-    run.add_argument("--dtype", nargs="+", choices=list(grids.DTYPES))
+    run.add_argument("--device", nargs="+", choices=DEVICES)
+    run.add_argument("--dtype", nargs="+", choices=list(DTYPES))
     run.add_argument("--batch", nargs="+", type=int)
     run.add_argument("--classes", nargs="+", type=int)
     run.add_argument("--smoothing", nargs="+", type=float)
-    run.add_argument("--pass", dest="pass_", nargs="+", choices=list(grids.PASSES))
+    run.add_argument("--pass", dest="pass_", nargs="+", choices=PASSES)
     run.add_argument(
         "--out",
         help="results root; each device writes to OUT/<device>/ (default: results/ for full, results/quick/ otherwise)",

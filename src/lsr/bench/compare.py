@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from lsr.bench.grid import Case
-
-KEY = ("implementation", "device", "dtype", "batch", "classes", "smoothing", "pass")
-
-
-def _key(row: dict) -> tuple:
-    return tuple(row[k] for k in KEY)
+from lsr.bench.measure import relative_iqr
+from lsr.bench.results import Case, case_key
+from lsr.bench.tables import format_table
 
 
 def compare(old: list[dict], new: list[dict], min_change: float = 0.05) -> list[dict]:
@@ -17,19 +13,21 @@ def compare(old: list[dict], new: list[dict], min_change: float = 0.05) -> list[
     A change is flagged when the ratio leaves 1 by more than the two runs' relative IQRs added
     (the spread each run measured) and by more than `min_change`.
     """
-    old_by_key = {_key(r): r for r in old if r["status"] == "ok"}
+    old_by_key = {case_key(r): r for r in old if r["status"] == "ok"}
     entries = []
     for row in new:
-        before = old_by_key.get(_key(row))
+        before = old_by_key.get(case_key(row))
         if row["status"] != "ok" or before is None:
             continue
         ratio = row["median_s"] / before["median_s"]
-        noise = (before["iqr_s"] or 0) / before["median_s"] + (row["iqr_s"] or 0) / row["median_s"]
+        noise = relative_iqr(before["median_s"], before["iqr_s"]) + relative_iqr(
+            row["median_s"], row["iqr_s"]
+        )
         changed = abs(ratio - 1) > max(noise, min_change)
         verdict = ("slower" if ratio > 1 else "faster") if changed else ""
         entries.append(
             {
-                "case": Case(*_key(row)),
+                "case": Case.of_row(row),
                 "old_s": before["median_s"],
                 "new_s": row["median_s"],
                 "ratio": ratio,
@@ -41,14 +39,22 @@ def compare(old: list[dict], new: list[dict], min_change: float = 0.05) -> list[
 
 
 def format_comparison(entries: list[dict]) -> str:
-    header = f"{'implementation':<14} {'pass':<17} {'dtype':<9} {'N':>6} {'C':>7} {'old ms':>10} {'new ms':>10} {'new/old':>8} {'noise':>6}"
-    lines = [header, "-" * len(header)]
-    for e in entries:
-        c = e["case"]
-        lines.append(
-            f"{c.implementation:<14} {c.pass_:<17} {c.dtype:<9} {c.batch:>6} {c.classes:>7} {e['old_s'] * 1e3:>10.3f} "
-            f"{e['new_s'] * 1e3:>10.3f} {e['ratio']:>8.3f} {e['noise']:>6.1%} {e['verdict']}"
-        )
+    headers = ["implementation", "pass", "dtype", "N", "C", "old ms", "new ms", "new/old", "noise", ""]
+    rows = [
+        [
+            e["case"].implementation,
+            e["case"].pass_,
+            e["case"].dtype,
+            e["case"].batch,
+            e["case"].classes,
+            f"{e['old_s'] * 1e3:.3f}",
+            f"{e['new_s'] * 1e3:.3f}",
+            f"{e['ratio']:.3f}",
+            f"{e['noise']:.1%}",
+            e["verdict"],
+        ]
+        for e in entries
+    ]
     flagged = sum(1 for e in entries if e["verdict"])
-    lines.append(f"\n{len(entries)} cases compared, {flagged} changed beyond the measured noise.")
-    return "\n".join(lines)
+    table = format_table(headers, rows, align="lllrrrrrrl")
+    return f"{table}\n\n{len(entries)} cases compared, {flagged} changed beyond the measured noise."

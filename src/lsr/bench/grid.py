@@ -3,54 +3,15 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
 import lsr
-
-PASSES = ("forward", "backward", "forward+backward")
-FLOOR = "floor"  # the implementation name of the floor rows: torch.exp(z, out=buf) on the same logits
-DTYPES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-
-
-@dataclass(frozen=True)
-class Case:
-    """One measurement: an implementation (or the floor) on one problem size, for one pass."""
-
-    implementation: str
-    device: str
-    dtype: str
-    batch: int
-    classes: int
-    smoothing: float
-    pass_: str
-
-    def key(self) -> tuple:
-        return (
-            self.implementation,
-            self.device,
-            self.dtype,
-            self.batch,
-            self.classes,
-            self.smoothing,
-            self.pass_,
-        )
-
-    @property
-    def is_floor(self) -> bool:
-        return self.implementation == FLOOR
-
-    def as_dict(self) -> dict:
-        row = asdict(self)
-        row["pass"] = row.pop("pass_")
-        return row
+from lsr.bench.results import FLOOR, PASSES, Case, Pass
+from lsr.types import Device
 
 
 @dataclass(frozen=True)
@@ -63,7 +24,7 @@ class Grid:
     batches: Sequence[int]
     classes: Sequence[int]
     smoothings: Sequence[float] = (0.1,)
-    passes: Sequence[str] = PASSES
+    passes: Sequence[Pass] = PASSES
 
     def cases(self) -> Iterator[Case]:
         """Floor first for each size, then every implementation that runs on the device and size."""
@@ -82,7 +43,7 @@ class Grid:
                     yield Case(name, device, dtype, batch, classes, smoothing, pass_)
 
 
-def present_devices() -> list[str]:
+def present_devices() -> list[Device]:
     """The device types this machine has: cpu, plus cuda and mps when present."""
     devices = ["cpu"]
     if torch.cuda.is_available():
@@ -121,8 +82,22 @@ PRESETS: dict[str, dict[str, Grid]] = {
 PRESETS["quick"]["mps"] = Grid(registered(), ["mps"], ["float32"], batches=[1024, 4096], classes=[4096])
 PRESETS["full"]["mps"] = PRESETS["quick"]["mps"]
 
-# The asv and pytest-benchmark suites: a small grid, so that `asv run` over several commits stays quick.
-SUITE = Grid(registered(), present_devices(), ["float32"], batches=[512, 4096], classes=[1000, 10000])
+# The asv and pytest-benchmark suites. "fast" keeps `asv run` over several commits quick; "full" is
+# the CPU sweep's grid. Chosen by LSR_ASV_PROFILE (read when a suite is collected, not at import).
+SUITE_PROFILES = {
+    "fast": dict(dtypes=["float32"], batches=[512, 4096], classes=[1000, 10000]),
+    "full": dict(dtypes=["float32"], batches=[256, 1024, 4096], classes=[100, 1000, 10000, 32768]),
+}
+SUITE_PROFILE_VARIABLE = "LSR_ASV_PROFILE"
+
+
+def suite(profile: str | None = None, devices: Sequence[str] | None = None) -> Grid:
+    """The benchmark suites' grid: `profile` (default: $LSR_ASV_PROFILE, else "fast") on `devices`
+    (default: those present here)."""
+    profile = profile or os.environ.get(SUITE_PROFILE_VARIABLE) or "fast"
+    if profile not in SUITE_PROFILES:
+        raise ValueError(f"unknown suite profile {profile!r}; choose from {', '.join(SUITE_PROFILES)}")
+    return Grid(registered(), list(devices or present_devices()), **SUITE_PROFILES[profile])
 
 
 def preset(name: str, devices: Sequence[str]) -> list[Grid]:

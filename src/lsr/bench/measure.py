@@ -1,8 +1,9 @@
 """Measuring one case: inputs, the timed pass, time, peak memory and the correctness gate.
 
-How (see NOTES section 5): device work is synchronised before the clock is read; warm-up runs come
-first; the number of runs is chosen by time, not fixed; the median and interquartile range are
-reported with the run and thread counts. Peak memory is the peak of bytes allocated above what
+How: device work is asynchronous, so every timed call synchronises the device before the clock is
+read; warm-up runs come first (allocator, lazy initialisation, compilation); the number of runs is
+chosen by time, not fixed; the raw samples are kept, and the median and interquartile range are
+reported with the run and thread counts, with a warning when the spread is wide. Peak memory is the peak of bytes allocated above what
 existed before the pass: `torch.cuda.max_memory_allocated` on CUDA, and on CPU its exact twin, a
 running sum over the profiler's allocation and free events in time order.
 """
@@ -10,6 +11,7 @@ running sum over the profiler's allocation and free events in time order.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import statistics
 import time
@@ -18,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-import lsr
-from lsr.bench.grid import DTYPES, Case
+from lsr.bench.results import Case
+from lsr.registry import Implementation
+from lsr.types import DTYPES, LossFn
 
 
 def synchronize(device: torch.device) -> None:
@@ -56,29 +59,30 @@ class Pass:
     forward: the loss with autograd recording, as in training (saved tensors count in its memory).
     backward: `torch.autograd.grad` of a graph built beforehand (kept between runs, not timed).
     The gradient is returned, never accumulated into `.grad`, so repeated runs do the same work.
+    `impl` is None for the floor; `loss_fn` replaces the implementation's function (tests plant
+    wrong or failing ones with it).
     """
 
-    def __init__(self, case: Case, problem: Problem, loss_fn: Callable | None = None):
-        if not case.is_floor and lsr.get(case.implementation).inplace_backward:
+    def __init__(
+        self, case: Case, problem: Problem, impl: Implementation | None, loss_fn: LossFn | None = None
+    ):
+        if impl is not None and impl.inplace_backward:
             problem = problem.copy()  # later runs see the gradient as logits: the work is the same
         self.case, self.problem = case, problem
         self.device = problem.logits.device
-        if case.is_floor:
+        if impl is None:
             self.buffer = torch.empty_like(problem.logits, requires_grad=False)
             self.run = self._floor
             return
-        self.loss_fn = loss_fn or lsr.get(case.implementation).loss
+        self.loss_fn = loss_fn or impl.loss
         self.run = {"forward": self._forward, "backward": self._backward, "forward+backward": self._both}[
             case.pass_
         ]
         if case.pass_ == "backward":
-            self.setup_backward()
+            self.loss = self._loss()
 
     def _loss(self) -> torch.Tensor:
         return self.loss_fn(self.problem.logits, self.problem.target, self.case.smoothing, "mean")
-
-    def setup_backward(self) -> None:
-        self.loss = self._loss()
 
     def _floor(self):
         with torch.no_grad():
@@ -99,18 +103,63 @@ class Pass:
         return out
 
 
-@dataclass
-class Timing:
-    median_s: float
-    iqr_s: float
-    runs: int
+# A spread wider than this fraction of the median makes a measurement's warning (as torch.utils.benchmark).
+WIDE_IQR = 0.1
+
+
+def relative_iqr(median_s: float, iqr_s: float | None) -> float:
+    """The interquartile range as a fraction of the median: the noise a measurement saw."""
+    return (iqr_s or 0.0) / median_s if median_s > 0 else float("inf")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """The raw samples of one timed call (seconds per call, each the mean of a block of runs).
+
+    Median and IQR are computed from them on demand; `warning` says when the spread is wide.
+
+    Example:
+        >>> m = Measurement((1.0, 1.05, 0.95, 1.0, 2.0), runs_per_sample=4, threads=2)
+        >>> m.median, m.runs, round(m.relative_iqr, 2), m.warning
+        (1.0, 20, 0.05, None)
+        >>> Measurement((1.0, 2.0, 3.0), runs_per_sample=1, threads=2).warning
+        'noisy: IQR 50% of the median over 3 samples'
+    """
+
+    samples: tuple[float, ...]
+    runs_per_sample: int
     threads: int
+
+    @property
+    def runs(self) -> int:
+        return len(self.samples) * self.runs_per_sample
+
+    @functools.cached_property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @functools.cached_property
+    def iqr(self) -> float:
+        if len(self.samples) < 2:
+            return 0.0
+        quartiles = statistics.quantiles(self.samples, n=4, method="inclusive")
+        return quartiles[2] - quartiles[0]
+
+    @property
+    def relative_iqr(self) -> float:
+        return relative_iqr(self.median, self.iqr)
+
+    @property
+    def warning(self) -> str | None:
+        if self.relative_iqr <= WIDE_IQR:
+            return None
+        return f"noisy: IQR {self.relative_iqr:.0%} of the median over {len(self.samples)} samples"
 
 
 def time_pass(
     fn: Callable[[], object], min_time: float = 0.5, min_samples: int = 7, max_time: float = 20.0
-) -> Timing:
-    """Median and IQR of one call's time; `fn` synchronises the device itself.
+) -> Measurement:
+    """Time one call of `fn`, which synchronises the device itself, at torch's current thread count.
 
     Warm-up: until a call has been made twice (allocator, lazy initialisation, compilation). Each
     sample then runs a block of calls long enough (>= 1 ms) for the clock to resolve, and samples are
@@ -133,13 +182,7 @@ def time_pass(
             elapsed >= max_time and len(samples) >= 3
         ):
             break
-    quartiles = statistics.quantiles(samples, n=4, method="inclusive")
-    return Timing(
-        statistics.median(samples),
-        quartiles[2] - quartiles[0],
-        len(samples) * per_block,
-        torch.get_num_threads(),
-    )
+    return Measurement(tuple(samples), per_block, torch.get_num_threads())
 
 
 @contextlib.contextmanager
@@ -218,7 +261,9 @@ GATE_ROWS = 32
 GATE_TOLERANCE = {"float64": 1e-9, "float32": 1e-4, "bfloat16": 3e-2, "float16": 5e-3}
 
 
-def check_against_reference(case: Case, problem: Problem, loss_fn: Callable | None = None) -> float:
+def check_against_reference(
+    case: Case, problem: Problem, impl: Implementation, loss_fn: LossFn | None = None
+) -> float:
     """Compare loss and gradient of a few rows (spread over the batch) with the float64 reference.
 
     The implementation runs on the whole batch, so size-dependent bugs show; only the sampled rows
@@ -227,7 +272,6 @@ def check_against_reference(case: Case, problem: Problem, loss_fn: Callable | No
     reference's per-row gradient. Returns the largest relative error; raises GateFailure past the
     dtype's tolerance.
     """
-    impl = lsr.get(case.implementation)
     loss_fn = loss_fn or impl.loss
     if impl.inplace_backward:
         problem = problem.copy()

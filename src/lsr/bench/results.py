@@ -18,17 +18,80 @@ Schema of `results.csv` (validated by `read_rows`):
 | logits_bytes | int | N * C * itemsize, the size of the logits and of their gradient |
 | max_rel_error | float | the correctness gate's largest relative error against float64 |
 | status | str | ok, failed (gate), oom, error |
-| message | str | why, when status is not ok |
+| message | str | why, when status is not ok; a warning on an ok row (e.g. a wide IQR) |
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal, get_args
+
+from lsr.types import DEVICES, DTYPES, SMOOTHING_KINDS
+
+# --- the benchmark's vocabulary: every other module of lsr.bench imports it from here ----------------
+
+Pass = Literal["forward", "backward", "forward+backward"]
+Status = Literal["ok", "failed", "oom", "error"]
+PASSES: tuple[Pass, ...] = get_args(Pass)
+STATUSES: tuple[Status, ...] = get_args(Status)
+FLOOR = "floor"  # the implementation name (and smoothing kind) of torch.exp(z, out=buf) on the same logits
+KINDS = (*SMOOTHING_KINDS, FLOOR)
+CASE_KEY = ("implementation", "device", "dtype", "batch", "classes", "smoothing", "pass")
+RESULTS_FILE, METADATA_FILE = "results.csv", "metadata.json"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measurement: an implementation (or the floor) on one problem size, for one pass."""
+
+    implementation: str
+    device: str
+    dtype: str
+    batch: int
+    classes: int
+    smoothing: float
+    pass_: Pass
+
+    def key(self) -> tuple:
+        return case_key(self.as_dict())
+
+    @property
+    def is_floor(self) -> bool:
+        return self.implementation == FLOOR
+
+    def as_dict(self) -> dict:
+        row = asdict(self)
+        row["pass"] = row.pop("pass_")
+        return row
+
+    @classmethod
+    def of_row(cls, row: dict) -> Case:
+        return cls(*case_key(row))
+
+
+def case_key(row: dict) -> tuple:
+    """What identifies a case in a results row: two rows with one key measured the same thing."""
+    return tuple(row[column] for column in CASE_KEY)
+
+
+def new_row(case: Case, smoothing_kind: str) -> dict:
+    """A results row for `case` before anything is measured: every column, status ok until told otherwise."""
+    logits_bytes = case.batch * case.classes * DTYPES[case.dtype].itemsize
+    row = dict.fromkeys(COLUMNS) | case.as_dict()
+    return row | {
+        "smoothing_kind": smoothing_kind,
+        "logits_bytes": logits_bytes,
+        "status": "ok",
+        "message": "",
+    }
+
 
 COLUMNS = {
     "implementation": str,
@@ -60,12 +123,6 @@ OPTIONAL = {
     "max_rel_error",
     "message",
 }
-STATUSES = ("ok", "failed", "oom", "error")
-DEVICES = ("cpu", "cuda", "mps")
-DTYPES = ("float32", "float64", "float16", "bfloat16")
-KINDS = ("exact", "sparse", "floor")
-PASSES = ("forward", "backward", "forward+backward")
-RESULTS_FILE, METADATA_FILE = "results.csv", "metadata.json"
 
 
 class SchemaError(ValueError):
@@ -86,8 +143,6 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
-    import io
-
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(COLUMNS), lineterminator="\n")
     writer.writeheader()
@@ -130,7 +185,7 @@ def _parse(row: dict, line: int, path: Path) -> dict:
         raise SchemaError(f"{path}:{line}: status {parsed['status']!r} is not one of {STATUSES}")
     if parsed["pass"] not in PASSES:
         raise SchemaError(f"{path}:{line}: pass {parsed['pass']!r} is not one of {PASSES}")
-    for column, allowed in (("device", DEVICES), ("dtype", DTYPES), ("smoothing_kind", KINDS)):
+    for column, allowed in (("device", DEVICES), ("dtype", tuple(DTYPES)), ("smoothing_kind", KINDS)):
         if parsed[column] not in allowed:
             raise SchemaError(f"{path}:{line}: {column} {parsed[column]!r} is not one of {allowed}")
     if parsed["status"] == "ok" and not (
@@ -172,3 +227,45 @@ def read_metadata(path: str | Path) -> dict:
     if not isinstance(metadata, dict):
         raise SchemaError(f"{path}: expected a JSON object")
     return metadata
+
+
+# --- loading a run: what the charts and the summary read ------------------------------------------
+
+
+def load(path: str | Path) -> tuple[list[dict], dict]:
+    """Rows and metadata from a results directory, a results.csv, or a pytest-benchmark JSON file."""
+    path = Path(path)
+    if path.suffix == ".json":
+        return _from_pytest_benchmark(path)
+    return read_rows(path), read_metadata(path)
+
+
+def _benchmark_row(bench: dict) -> dict | None:
+    """A results row from one pytest-benchmark entry; None for an entry that is not an lsr-bench case."""
+    info, stats = bench.get("extra_info", {}), bench["stats"]
+    if "case" not in info:
+        return None
+    return info["case"] | {
+        "median_s": stats["median"],
+        "iqr_s": stats["iqr"],
+        "runs": stats["rounds"] * stats.get("iterations", 1),
+        "threads": info.get("threads"),
+        "peak_bytes": info.get("peak_bytes"),
+        "status": "ok",
+        "message": "",
+    }
+
+
+def _from_pytest_benchmark(path: Path) -> tuple[list[dict], dict]:
+    """Rows and metadata from a `pytest --benchmark-json` file of the suite in benchmarks/pytest_suite."""
+    try:
+        data = json.loads(path.read_text())
+        benchmarks, machine = data["benchmarks"], data.get("machine_info", {})
+        rows = [row for row in map(_benchmark_row, benchmarks) if row is not None]
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise SchemaError(f"{path}: not a pytest-benchmark JSON file ({e})") from None
+    if not rows:
+        raise SchemaError(f"{path}: no lsr-bench cases in this pytest-benchmark file")
+    # The suite's conftest stores lsr.bench.environment's dictionary under machine_info["lsr"].
+    metadata = machine.get("lsr") or {"device_name": machine.get("cpu", {}).get("brand_raw", "?")}
+    return rows, metadata | {"source": "pytest-benchmark"}

@@ -4,7 +4,9 @@
   SparseLSR), and what the seed snippet's sign variant optimises.
 - `approximation`: how far SparseLSR is from exact label smoothing, in loss and gradient, against
   class count, smoothing and confidence.
-- `train`: `lsr-train`, a training comparison of the losses with t-SNE of the penultimate layer.
+- `train`: `lsr-train`, a training comparison of the losses with t-SNE of the penultimate layer;
+  its pieces are `data` (datasets), `models` (networks), `training` (losses, loop, metrics),
+  `outputs` (files and figure) and `run` (one experiment end to end).
 - `report`: writes results/experiments/README.md from the files the others produce.
 
 `python -m lsr.experiments` runs all of them with their defaults.

@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from lsr.bench.tables import format_table
 from lsr.experiments import DEFAULT_OUT
 from lsr.experiments.approximation import (
     BASE_CLASSES,
@@ -47,6 +48,28 @@ def _points(points: Sequence[ErrorPoint], sweep: str, distribution: str) -> list
     return [p for p in points if p.sweep == sweep and p.distribution == distribution]
 
 
+def _base_point_table(base: dict[str, ErrorPoint]) -> str:
+    """Loss and gradient error per non-target distribution at the base point, as a Markdown table."""
+    headers = [
+        "non-target distribution",
+        "exact − sparse",
+        "relative",
+        "gradient rel. L2 error",
+        "gradient cosine",
+    ]
+    rows = [
+        [
+            kind,
+            _fmt(p.abs_loss_error),
+            f"{100 * p.rel_loss_error:.2g}%",
+            _fmt(p.grad_rel_l2_error),
+            f"{p.grad_cosine:.4f}",
+        ]
+        for kind, p in base.items()
+    ]
+    return format_table(headers, rows, markdown=True, align="lrrrr")
+
+
 def approximation_reading(points: Sequence[ErrorPoint]) -> str:
     """The written reading of the approximation-error charts, with numbers from the sweep."""
     base = {
@@ -59,14 +82,8 @@ def approximation_reading(points: Sequence[ErrorPoint]) -> str:
         f"At C = {BASE_CLASSES}, ξ = {BASE_SMOOTHING}, $p_y$ = {BASE_CONFIDENCE}, SparseLSR's loss is below "
         "exact LSR's by:",
         "",
-        "| non-target distribution | exact − sparse | relative | gradient rel. L2 error | gradient cosine |",
-        "|---|---|---|---|---|",
+        _base_point_table(base),
     ]
-    for kind, p in base.items():
-        lines.append(
-            f"| {kind} | {_fmt(p.abs_loss_error)} | {100 * p.rel_loss_error:.2g}% | {_fmt(p.grad_rel_l2_error)} "
-            f"| {p.grad_cosine:.4f} |"
-        )
     gaussian_big = [p for p in _points(points, "classes", "gaussian σ=3") if p.num_classes >= 1000]
     confidence = {kind: _points(points, "confidence", kind) for kind in base}
     flat = max(

@@ -11,7 +11,7 @@ Example:
     >>> fused_label_smoothing(z, torch.tensor([1, 2, 3, 4]), smoothing=0.1).backward()
 """
 
-from lsr.fused.cpu import set_cpu_backend
+from lsr.fused.cpu import cpu_options, set_cpu_backend
 from lsr.fused.loss import (
     FusedLabelSmoothingFunction,
     FusedLSRLoss,
@@ -25,6 +25,7 @@ __all__ = [
     "FusedLSRLoss",
     "FusedLabelSmoothingFunction",
     "FusedSparseLSRLoss",
+    "cpu_options",
     "fused_label_smoothing",
     "fused_sparse_label_smoothing",
     "set_cpu_backend",

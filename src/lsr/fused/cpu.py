@@ -11,15 +11,18 @@ as whole-tensor expressions they would build N x C temporaries; two ways keep th
 
 "auto" (the default) compiles inputs of at least COMPILE_MIN_ELEMENTS logits when a C++ compiler is
 on PATH, and runs smaller ones eagerly: below that size compiling does not pay for itself.
-docs/fused.md has the measurements behind these choices. Inside a user's `torch.compile` region the
+docs/fused.md has the measurements behind these choices (benchmarks/fused_cpu_alternatives.py
+measures them again); `cpu_options` changes the backend and block size for a `with` block. Inside a user's `torch.compile` region the
 plain expressions are traced into the user's graph instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
+from collections.abc import Iterator
 
 import torch
 
@@ -47,6 +50,32 @@ def set_cpu_backend(name: str) -> str:
         raise ValueError("the 'triton' CPU backend needs the Triton interpreter: set TRITON_INTERPRET=1")
     previous, _backend = _backend, name
     return previous
+
+
+@contextlib.contextmanager
+def cpu_options(backend: str | None = None, *, eager_block_elements: int | None = None) -> Iterator[None]:
+    """Run the fused losses on CPU with `backend` and eager blocks of about `eager_block_elements`
+    logits inside a `with` block (None keeps the current value); both are restored afterwards.
+
+    Example:
+        >>> from lsr.fused import cpu
+        >>> with cpu_options("eager", eager_block_elements=8):
+        ...     cpu.cpu_backend(1 << 30), cpu.EAGER_BLOCK_ELEMENTS
+        ('eager', 8)
+    """
+    global EAGER_BLOCK_ELEMENTS
+    previous_block = EAGER_BLOCK_ELEMENTS
+    previous_backend = set_cpu_backend(backend) if backend is not None else None
+    if eager_block_elements is not None:
+        if eager_block_elements < 1:
+            raise ValueError(f"eager_block_elements must be at least 1, got {eager_block_elements}")
+        EAGER_BLOCK_ELEMENTS = eager_block_elements
+    try:
+        yield
+    finally:
+        EAGER_BLOCK_ELEMENTS = previous_block
+        if previous_backend is not None:
+            set_cpu_backend(previous_backend)
 
 
 def cpu_backend(num_elements: int) -> str:

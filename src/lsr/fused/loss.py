@@ -40,8 +40,8 @@ from lsr._common import (
     check_weight,
     compute_dtype,
 )
+from lsr.constants import PAPER_EPS
 from lsr.fused import cpu
-from lsr.sparse import PAPER_EPS
 
 
 @functools.cache
@@ -274,6 +274,8 @@ class FusedLSRLoss(LabelSmoothingLoss):
         >>> loss.backward()
     """
 
+    sparse = False  # equation 15 instead of exact smoothing
+
     def __init__(
         self,
         smoothing: float = 0.0,
@@ -289,29 +291,32 @@ class FusedLSRLoss(LabelSmoothingLoss):
         self.register_buffer("weight", weight)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return fused_label_smoothing(
+        return _fused(
             input,
             target,
             self.smoothing,
             self.reduction,
             self.ignore_index,
-            weight=self.weight,
-            inplace_backward=self.inplace_backward,
-            validate_targets=self.validate_targets,
+            self.weight,
+            self.sparse,
+            self.inplace_backward,
+            self.validate_targets,
         )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, inplace_backward={self.inplace_backward}"
 
 
-class FusedSparseLSRLoss(LabelSmoothingLoss):
-    """`fused_sparse_label_smoothing` as a module, a drop-in for `lsr.SparseLSRLoss`.
+class FusedSparseLSRLoss(FusedLSRLoss):
+    """`fused_sparse_label_smoothing` as a module, a drop-in for `lsr.SparseLSRLoss` (no class weights).
 
     Example:
         >>> loss_fn = FusedSparseLSRLoss(smoothing=0.1)
         >>> loss = loss_fn(torch.randn(8, 10, requires_grad=True), torch.randint(0, 10, (8,)))
         >>> loss.backward()
     """
+
+    sparse = True
 
     def __init__(
         self,
@@ -321,20 +326,4 @@ class FusedSparseLSRLoss(LabelSmoothingLoss):
         inplace_backward: bool = False,
         validate_targets: bool | None = None,
     ):
-        super().__init__(smoothing, reduction, ignore_index)
-        self.inplace_backward = inplace_backward
-        self.validate_targets = validate_targets
-
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return fused_sparse_label_smoothing(
-            input,
-            target,
-            self.smoothing,
-            self.reduction,
-            self.ignore_index,
-            inplace_backward=self.inplace_backward,
-            validate_targets=self.validate_targets,
-        )
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, inplace_backward={self.inplace_backward}"
+        super().__init__(smoothing, reduction, ignore_index, None, inplace_backward, validate_targets)

@@ -240,3 +240,24 @@ def test_cifar10_loader_and_alexnet_on_fake_batches(tmp_path):
     model = models.AlexNet()
     logits, features = training.predict(model, cifar.x_test, torch.device("cpu"))
     assert logits.shape == (16, 10) and features.shape == (16, 4096)
+
+
+def test_interrupted_experiments_leave_the_results_as_they_were(tmp_path, monkeypatch, capsys):
+    from lsr.experiments import __main__ as experiments_main
+
+    out = tmp_path / "experiments"
+    out.mkdir()
+    (out / "README.md").write_text("committed\n")
+    (out / "train_digits_summary.json").write_text("{}\n")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(approximation, "make_outputs", interrupted)  # after the loss-shape figures
+    with pytest.raises(SystemExit) as exit_info:
+        experiments_main.main(["--out", str(out), "--skip-train"])
+    assert exit_info.value.code == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "train_digits_summary.json"]
+    assert (out / "README.md").read_text() == "committed\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["experiments"]  # no staging folder left behind

@@ -106,12 +106,15 @@ def experiment_from_args(
     )
 
 
-def run_command(argv: list[str] | None = None) -> dict[str, Path]:
-    """Run `lsr-train` with `argv` (default: the command line); prints and returns the files written."""
+def run_command(argv: list[str] | None = None, command: str | None = None) -> dict[str, Path]:
+    """Run `lsr-train` with `argv` (default: the command line); prints and returns the files written.
+
+    command: the command line to record in the outputs (default: `lsr-train` and `argv`).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = "lsr-train " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = command or "lsr-train " + shlex.join(sys.argv[1:] if argv is None else argv)
     exp = experiment_from_args(args, command.strip(), parser)
     try:
         paths = run_experiment(exp)
@@ -123,8 +126,16 @@ def run_command(argv: list[str] | None = None) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The `lsr-train` entry point: `run_command`, returning nothing so that the exit status is 0."""
-    run_command(argv)
+    """The `lsr-train` entry point: `run_command`, returning nothing so that the exit status is 0.
+
+    Ctrl-C ends it with one line and status 130; files are written only after training, so an
+    interrupted run leaves the previous ones as they were.
+    """
+    try:
+        run_command(argv)
+    except KeyboardInterrupt:
+        print("lsr-train: interrupted; nothing was written", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

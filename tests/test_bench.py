@@ -104,8 +104,9 @@ def test_resume_measures_failed_rows_again_and_refuses_other_settings(tmp_path):
 
 
 def test_cli_refuses_an_implementation_that_cannot_run(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="no implementation has a case"):
-        cli_main(["run", "--impl", "sparse", "--classes", "1", "--batch", "4", "--out", str(tmp_path)])
+    argv = ["run", "--impl", "sparse", "--classes", "1", "--batch", "4", "--out", str(tmp_path)]
+    assert cli_main(argv) == 2
+    assert capsys.readouterr().err == "lsr-bench: sparse needs at least 2 classes, got --classes 1\n"
 
 
 def test_out_of_memory_is_recorded_and_the_sweep_goes_on(tmp_path):
@@ -188,9 +189,10 @@ def test_schema_rejects_malformed_files(tmp_path):
 
 
 def test_compare_flags_changes_beyond_noise(tmp_path):
-    old = run_sweep(
+    measured = run_sweep(
         Grid(["native"], ["cpu"], ["float32"], [4], [3], passes=["forward"]).cases(), tmp_path, **FAST
     )
+    old = [r | {"iqr_s": 0.0} for r in measured]  # a noiseless baseline: the verdict is about the ratio
     same = [r | {"median_s": r["median_s"] * 1.01} for r in old]
     slower = [r | {"median_s": r["median_s"] * 3, "iqr_s": 0.0} for r in old]
     assert not any(e["verdict"] for e in compare(old, same))

@@ -1,40 +1,119 @@
-"""`lsr-bench` (also `python -m lsr.bench`): run a sweep, draw its charts, compare two runs."""
+"""`lsr-bench` (also `python -m lsr.bench`): run a sweep, draw its charts, compare two runs.
+
+Arguments that cannot be run are refused before anything is measured, with one line on stderr and
+exit status 2. Ctrl-C ends a run with one line and status 130; the rows measured so far stay on
+disk for `--resume`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import tempfile
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
 import lsr
 from lsr.bench import grid as grids
 from lsr.bench.compare import compare, format_comparison
-from lsr.bench.plot import plot_run, plot_side_by_side
-from lsr.bench.report import write_summary
-from lsr.bench.results import FLOOR, PASSES, SchemaError, load
-from lsr.bench.runner import run_sweep
-from lsr.bench.tables import format_table
+from lsr.bench.plot import chart_folders, plot_run, plot_side_by_side, shared_shapes
+from lsr.bench.report import format_run_table, write_summary
+from lsr.bench.results import PASSES, RESULTS_FILE, Case, SchemaError, case_key, load, read_rows
+from lsr.bench.runner import BusyMachineWarning, SweepInterrupted, SweepLocked, busy_rows, run_sweep
 from lsr.types import DEVICES, DTYPES
 
+EXIT_USAGE = 2
+EXIT_LOCKED = 75  # EX_TEMPFAIL: another process is writing the results; try again later
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
 
-def _grids_from_args(args) -> list[grids.Grid]:
+
+class UsageError(Exception):
+    """Arguments that cannot be run: one line on stderr, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with refusals on one line, like the CLI's own, instead of the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"lsr-bench: {message} (see {self.prog} --help)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to help that does not state its default already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text:
+            return text
+        return f"{text} (default: off)" if action.default is False else super()._get_help_string(action)
+
+
+FORMAT = {"formatter_class": HelpFormatter}
+
+
+def _checked(kind: type, ok: Callable[[float], bool], rule: str) -> Callable[[str], float]:
+    """An argparse type: `kind(text)`, refused with `rule` unless ok(value)."""
+
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind.__name__}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{rule}, got {text}")
+        return value
+
+    return convert
+
+
+AT_LEAST_ONE = _checked(int, lambda v: v >= 1, "must be at least 1")
+PROBABILITY = _checked(float, lambda v: 0 <= v <= 1, "must be in [0, 1]")  # NaN fails both
+POSITIVE = _checked(float, lambda v: math.isfinite(v) and v > 0, "must be finite and above 0")
+NON_NEGATIVE = _checked(float, lambda v: math.isfinite(v) and v >= 0, "must be finite and at least 0")
+
+
+def _check_writable(directory: Path, what: str) -> None:
+    """Refuse now, not after a sweep, a directory that cannot be made or written into."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise UsageError(f"{what} {directory}: cannot write there ({e.strerror or e})") from None
+
+
+def _check_named(names: list[str], device: str, classes: list[int]) -> None:
+    """Named implementations must run on the device and take every class count asked for (the
+    default list instead leaves them out where they cannot, as the grid does)."""
+    cannot = [name for name in names if not lsr.get(name).runs_on(device)]
+    if cannot:
+        raise UsageError(f"{', '.join(cannot)} cannot run on {device} here (see lsr.REGISTRY)")
+    for name in names:
+        need = lsr.get(name).min_classes
+        if min(classes) < need:
+            raise UsageError(f"{name} needs at least {need} classes, got --classes {min(classes)}")
+
+
+def _grids_from_args(args) -> list[tuple[grids.Grid, str | None]]:
+    """The grid per device, each with the preset's name when it is the preset unchanged, else None."""
     devices = args.device or grids.present_devices()
     missing = [d for d in devices if d not in grids.present_devices()]
     if missing:
-        raise SystemExit(f"lsr-bench: device {', '.join(missing)} is not present on this machine")
+        raise UsageError(f"device {', '.join(missing)} is not present on this machine")
     chosen = []
     for base in grids.preset(args.preset, devices):
         device = base.devices[0]
-        if args.impl:
-            cannot = [name for name in args.impl if not lsr.get(name).runs_on(device)]
-            if cannot:
-                raise SystemExit(
-                    f"lsr-bench: {', '.join(cannot)} cannot run on {device} here (see lsr.REGISTRY)"
-                )
+        base = replace(base, implementations=[n for n in base.implementations if lsr.get(n).runs_on(device)])
         grid = grids.Grid(
-            implementations=args.impl or [n for n in base.implementations if lsr.get(n).runs_on(device)],
+            implementations=args.impl or base.implementations,
             devices=base.devices,
             dtypes=args.dtype or base.dtypes,
             batches=args.batch or base.batches,
@@ -42,162 +121,262 @@ def _grids_from_args(args) -> list[grids.Grid]:
             smoothings=args.smoothing or base.smoothings,
             passes=args.pass_ or base.passes,
         )
+        _check_named(args.impl or [], device, list(grid.classes))
         if not any(not case.is_floor for case in grid.cases()):
-            raise SystemExit(f"lsr-bench: no implementation has a case on {device} with these options")
-        chosen.append(grid)
+            raise UsageError(f"no implementation has a case on {device} with these options")
+        chosen.append((grid, args.preset if grid.as_dict() == base.as_dict() else None))
     return chosen
 
 
-def print_table(rows: list[dict]) -> None:
-    """Medians, one line per case, with forward+backward's ratio to the floor and the peak memory."""
-    floors = {
-        (r["device"], r["dtype"], r["batch"], r["classes"]): r
-        for r in rows
-        if r["implementation"] == FLOOR and r["status"] == "ok"
-    }
-    lines = []
-    for r in rows:
-        floor = floors.get((r["device"], r["dtype"], r["batch"], r["classes"]))
-        ok = r["status"] == "ok"
-        ratio = ok and floor and r["pass"] == "forward+backward"
-        lines.append(
-            [
-                r["implementation"],
-                r["device"],
-                r["dtype"],
-                r["batch"],
-                r["classes"],
-                r["pass"],
-                f"{r['median_s'] * 1e3:.3f}" if ok else "",
-                f"{r['iqr_s'] * 1e3:.3f}" if ok else "",
-                f"{r['median_s'] / floor['median_s']:.2f}" if ratio else "",
-                f"{r['peak_bytes'] / 2**20:.1f}" if r.get("peak_bytes") is not None else "",
-                r["status"] if not r["message"] else f"{r['status']}: {r['message'][:60]}",
-            ]
+def _sweep_options(args, grid: grids.Grid, preset: str | None) -> dict:
+    """run_sweep's keyword arguments for one device's grid."""
+    return dict(
+        resume=args.resume or args.resume_mixed,
+        resume_mixed=args.resume_mixed,
+        isolate=args.isolate,
+        grid=grid.as_dict(),
+        preset=preset,
+        logit_std=args.logit_std,
+        min_time=args.min_time,
+        progress=not args.no_progress,
+    )
+
+
+@contextmanager
+def _warnings_after() -> Iterator[None]:
+    """Hold back the warnings raised inside, which would land in the middle of the progress line,
+    and print each distinct one once afterwards."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("ignore", BusyMachineWarning)  # said once for all devices, after the table
+        try:
+            yield
+        finally:
+            counts = Counter(f"{w.category.__name__}: {str(w.message).strip()}" for w in caught)
+            for text, n in counts.items():
+                times = f" ({n} times)" if n > 1 else ""
+                print(f"lsr-bench: warning{times}: {text.splitlines()[0]}", file=sys.stderr)
+
+
+def _rows_kept(out_dir: Path, cases: list[Case]) -> int:
+    """How many of `cases` have a row on disk (the runner writes each as it is measured)."""
+    try:
+        keys = {case_key(r) for r in read_rows(out_dir)}
+    except (OSError, SchemaError):
+        return 0
+    return sum(case.key() in keys for case in cases)
+
+
+def _interrupted(error: BaseException, done_before: int, total: int, out_dir: Path, cases: list[Case]) -> int:
+    """One line saying how far the run got, instead of a traceback; the exit status for Ctrl-C."""
+    if isinstance(error, SweepInterrupted):  # done of total: of the cases not already ok on disk
+        done = done_before + len(cases) - error.total + error.done
+    else:  # before the sweep started measuring: count what is on disk
+        done = done_before + _rows_kept(out_dir, cases)
+    print(
+        f"lsr-bench: interrupted after {done} of {total} cases; rerun with --resume to continue",
+        file=sys.stderr,
+    )
+    return EXIT_INTERRUPTED
+
+
+def _warn_busy(rows: list[dict]) -> None:
+    busy = busy_rows(rows)
+    if busy:
+        print(
+            f"lsr-bench: warning: {len(busy)} of {len(rows)} rows were measured while other processes "
+            "loaded the machine (column busy); their times may be high",
+            file=sys.stderr,
         )
-    headers = [
-        "implementation",
-        "device",
-        "dtype",
-        "N",
-        "C",
-        "pass",
-        "median ms",
-        "IQR ms",
-        "x floor",
-        "peak MiB",
-    ]
-    print("\n" + format_table([*headers, "status"], lines, align="lllrrlrrrrl"))
 
 
 def cmd_run(args) -> int:
-    if args.threads:
+    args.out = Path(args.out or ("results" if args.preset == "full" else "results/quick"))
+    planned = [(grid, preset, list(grid.cases())) for grid, preset in _grids_from_args(args)]
+    for grid, _, _ in planned:
+        _check_writable(args.out / grid.devices[0], "--out")
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
-    args.out = args.out or ("results" if args.preset == "full" else "results/quick")
-    all_rows = []
-    for g in _grids_from_args(args):
-        device = g.devices[0]
-        out_dir = Path(args.out) / device
-        cases = list(g.cases())
-        print(f"lsr-bench: {len(cases)} cases on {device} -> {out_dir}/", file=sys.stderr)
-        rows = run_sweep(
-            cases,
-            out_dir,
-            resume=args.resume,
-            preset=args.preset,
-            logit_std=args.logit_std,
-            min_time=args.min_time,
-            progress=not args.no_progress,
-        )
+    total, done_before, all_rows = sum(len(cases) for *_, cases in planned), 0, []
+    for grid, preset, cases in planned:
+        out_dir = args.out / grid.devices[0]
+        print(f"lsr-bench: {len(cases)} cases on {grid.devices[0]} -> {out_dir}/", file=sys.stderr)
+        try:
+            with _warnings_after():
+                rows = run_sweep(cases, out_dir, **_sweep_options(args, grid, preset))
+        except KeyboardInterrupt as e:  # SweepInterrupted too
+            return _interrupted(e, done_before, total, out_dir, cases)
+        done_before += len(cases)
         all_rows += rows
         if not args.no_plot:
-            rows, metadata = load(out_dir)
-            plot_run(rows, metadata, out_dir)
+            plot_run(*load(out_dir), out_dir)
     if not args.no_plot:
-        print(f"lsr-bench: summary in {write_summary(Path(args.out))}", file=sys.stderr)
-    print_table(all_rows)
+        print(f"lsr-bench: summary in {write_summary(args.out)}", file=sys.stderr)
+    print("\n" + format_run_table(all_rows))
+    _warn_busy(all_rows)
     return 0
 
 
 def cmd_plot(args) -> int:
-    sources = []
-    for source in args.results:
-        rows, metadata = load(source)
-        path = Path(source)
-        out_dir = (
-            Path(args.out)
-            if args.out and len(args.results) == 1
-            else (path if path.is_dir() else path.parent)
-        )
-        written = plot_run(rows, metadata, out_dir)
-        print("\n".join(str(p) for p in written))
-        sources.append((str(source), rows, metadata))
-    if len(sources) > 1:
-        out = Path(args.out or ".") / "side_by_side.png"
-        print(plot_side_by_side(sources, out))
+    inputs = [Path(source) for source in args.results]
+    # Everything is read and checked before the first chart is written.
+    sources = [(str(path), *load(path)) for path in inputs]
+    if len(sources) > 1 and not shared_shapes(sources):
+        raise UsageError("no (dtype, N, C) was measured forward+backward in every input: nothing to compare")
+    out = Path(args.out) if args.out else None
+    folders = chart_folders(inputs, out)
+    side = (out or Path(".")) if len(sources) > 1 else None
+    for folder in [*folders, *([side] if side else [])]:
+        _check_writable(folder, "--out" if out else "chart folder")
+    for (_, rows, metadata), folder in zip(sources, folders, strict=True):
+        print("\n".join(str(p) for p in plot_run(rows, metadata, folder)))
+    if side:
+        print(plot_side_by_side(sources, side / "side_by_side.png"))
     if args.summary:
         print(write_summary(Path(args.summary)))
     return 0
 
 
+def _is_run(path: Path) -> bool:
+    return path.is_file() or (path / RESULTS_FILE).exists()
+
+
+def _runs_in(path: Path) -> dict[str, Path]:
+    """The runs `path` names, by device folder: itself when it is a run, else the sub-folders of a
+    results root (OUT/<device>/) that hold one."""
+    if _is_run(path):
+        return {(path.parent if path.name == RESULTS_FILE else path).name: path}
+    runs = {p.parent.name: p.parent for p in sorted(path.glob(f"*/{RESULTS_FILE}"))}
+    if not runs:
+        raise FileNotFoundError(f"no results file at {path} nor in its sub-folders")
+    return runs
+
+
+def comparison_pairs(old: Path, new: Path) -> list[tuple[str, Path, Path]]:
+    """(device folder, old run, new run): the two runs themselves, or, where either is a results
+    root, the device folders of one matched by name with the other's."""
+    before, after = _runs_in(old), _runs_in(new)
+    if _is_run(old) and _is_run(new):
+        return [("", old, new)]
+    names = [name for name in before if name in after]
+    if not names:
+        raise UsageError(
+            f"no device folder in both: {old} has {', '.join(before)}; {new} has {', '.join(after)}"
+        )
+    for name in sorted(set(before) ^ set(after)):
+        print(f"lsr-bench: {name} is in only one of the two; not compared", file=sys.stderr)
+    return [(name, before[name], after[name]) for name in names]
+
+
 def cmd_compare(args) -> int:
-    old, _ = load(args.old)
-    new, _ = load(args.new)
-    entries = compare(old, new, min_change=args.min_change)
-    print(format_comparison(entries))
+    for name, old_path, new_path in comparison_pairs(Path(args.old), Path(args.new)):
+        if name:
+            print(f"\n{name}: {old_path} -> {new_path}")
+        entries = compare(
+            load(old_path)[0], load(new_path)[0], min_change=args.min_change, ignore_busy=args.ignore_busy
+        )
+        print(format_comparison(entries))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lsr-bench", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    run = sub.add_parser("run", help="measure a sweep (default: the quick preset on every present device)")
-    run.add_argument("--preset", choices=list(grids.PRESETS), default="quick")
+def _run_parser(sub) -> None:
+    run = sub.add_parser(
+        "run", help="measure a sweep (default: the quick preset on every present device)", **FORMAT
+    )
+    run.add_argument("--preset", choices=list(grids.PRESETS), default="quick", help="the grid to start from")
     run.add_argument(
         "--impl", nargs="+", choices=list(lsr.REGISTRY), help="implementations (default: all that run)"
     )
-    run.add_argument("--device", nargs="+", choices=DEVICES)
-    run.add_argument("--dtype", nargs="+", choices=list(DTYPES))
-    run.add_argument("--batch", nargs="+", type=int)
-    run.add_argument("--classes", nargs="+", type=int)
-    run.add_argument("--smoothing", nargs="+", type=float)
-    run.add_argument("--pass", dest="pass_", nargs="+", choices=PASSES)
+    run.add_argument("--device", nargs="+", choices=DEVICES, help="devices (default: every present one)")
+    axes = "(default: the preset's)"
+    run.add_argument("--dtype", nargs="+", choices=list(DTYPES), help=f"logits dtypes {axes}")
+    run.add_argument("--batch", nargs="+", type=AT_LEAST_ONE, help=f"batch sizes N, each >= 1 {axes}")
+    run.add_argument("--classes", nargs="+", type=AT_LEAST_ONE, help=f"class counts C, each >= 1 {axes}")
+    run.add_argument("--smoothing", nargs="+", type=PROBABILITY, help=f"label smoothing in [0, 1] {axes}")
+    run.add_argument("--pass", dest="pass_", nargs="+", choices=PASSES, help=f"passes timed {axes}")
     run.add_argument(
         "--out",
         help="results root; each device writes to OUT/<device>/ (default: results/ for full, results/quick/ otherwise)",
     )
-    run.add_argument("--resume", action="store_true", help="keep rows already in OUT and skip their cases")
-    run.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    run.add_argument("--logit-std", type=float, default=2.0, help="standard deviation of the random logits")
-    run.add_argument("--min-time", type=float, default=0.5, help="seconds of timed runs per case, at least")
-    run.add_argument("--no-plot", action="store_true")
-    run.add_argument("--no-progress", action="store_true")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows in OUT and measure only this grid's cases not yet measured ok",
+    )
+    run.add_argument(
+        "--resume-mixed",
+        action="store_true",
+        help="--resume even where kept rows were measured with other settings (threads, --min-time, "
+        "--logit-std), which --resume refuses; the file then mixes rows measured two ways, each "
+        "row recording its settings",
+    )
+    run.add_argument(
+        "--isolate",
+        choices=["case", "size"],
+        help="measure each case, or each size's cases, in a child process, so that a case that runs "
+        "out of memory or crashes costs its row, not the sweep (default: all in this process)",
+    )
+    run.add_argument("--threads", type=AT_LEAST_ONE, help="torch intra-op threads (default: torch's)")
+    run.add_argument(
+        "--logit-std", type=POSITIVE, default=2.0, help="standard deviation of the random logits"
+    )
+    run.add_argument(
+        "--min-time", type=POSITIVE, default=0.5, help="seconds of timed runs per case, at least"
+    )
+    run.add_argument("--no-plot", action="store_true", help="skip the charts and the summary")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
 
-    plot = sub.add_parser("plot", help="charts from result directories, results.csv or pytest-benchmark JSON")
-    plot.add_argument("results", nargs="+")
-    plot.add_argument("--out", help="output directory (default: beside each input)")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="lsr-bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _run_parser(sub)
+
+    plot = sub.add_parser(
+        "plot", help="charts from result directories, results.csv or pytest-benchmark JSON", **FORMAT
+    )
+    plot.add_argument("results", nargs="+", help="result directories, results.csv or pytest-benchmark JSON")
     plot.add_argument(
-        "--summary", metavar="ROOT", help="also regenerate ROOT/README.md over ROOT/*/results.csv"
+        "--out",
+        help="output directory; with several inputs each gets a sub-folder named after its path, and "
+        "the side-by-side chart goes in OUT (default: charts beside each input, side_by_side.png here)",
+    )
+    plot.add_argument(
+        "--summary",
+        metavar="ROOT",
+        help="also regenerate ROOT/README.md over ROOT/*/results.csv (default: no)",
     )
     plot.set_defaults(func=cmd_plot)
 
-    cmp = sub.add_parser("compare", help="two runs side by side, with changes beyond the noise flagged")
-    cmp.add_argument("old")
-    cmp.add_argument("new")
-    cmp.add_argument("--min-change", type=float, default=0.05)
+    cmp = sub.add_parser("compare", help="two runs side by side, changes beyond the noise flagged", **FORMAT)
+    cmp.add_argument("old", help="a run (OUT/<device>, results.csv) or a results root (OUT)")
+    cmp.add_argument(
+        "new", help="the same for the new run; roots are compared device folder by device folder"
+    )
+    cmp.add_argument("--min-change", type=NON_NEGATIVE, default=0.05, help="smallest relative change flagged")
+    cmp.add_argument(
+        "--ignore-busy", action="store_true", help="leave out rows measured while the machine was busy"
+    )
     cmp.set_defaults(func=cmd_compare)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a refusal already printed
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     try:
         return args.func(args)
-    except (SchemaError, FileNotFoundError, ValueError) as e:
+    except SweepLocked as e:  # first: it may derive from one of the errors below
         print(f"lsr-bench: {e}", file=sys.stderr)
-        return 2
+        return EXIT_LOCKED
+    except (UsageError, SchemaError, OSError, ValueError) as e:
+        print(f"lsr-bench: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("lsr-bench: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -7,17 +7,23 @@ from lsr.bench.results import Case, case_key
 from lsr.bench.tables import format_table
 
 
-def compare(old: list[dict], new: list[dict], min_change: float = 0.05) -> list[dict]:
+def compare(
+    old: list[dict], new: list[dict], min_change: float = 0.05, ignore_busy: bool = False
+) -> list[dict]:
     """One entry per case measured ok in both runs, with ratio = new / old median time.
 
     A change is flagged when the ratio leaves 1 by more than the two runs' relative IQRs added
-    (the spread each run measured) and by more than `min_change`.
+    (the spread each run measured) and by more than `min_change`. A case timed on a busy machine in
+    either run (column busy) is left out when `ignore_busy`, else its entry says busy=True.
     """
     old_by_key = {case_key(r): r for r in old if r["status"] == "ok"}
     entries = []
     for row in new:
         before = old_by_key.get(case_key(row))
         if row["status"] != "ok" or before is None:
+            continue
+        busy = bool(before.get("busy") or row.get("busy"))
+        if busy and ignore_busy:
             continue
         ratio = row["median_s"] / before["median_s"]
         noise = relative_iqr(before["median_s"], before["iqr_s"]) + relative_iqr(
@@ -33,6 +39,7 @@ def compare(old: list[dict], new: list[dict], min_change: float = 0.05) -> list[
                 "ratio": ratio,
                 "noise": noise,
                 "verdict": verdict,
+                "busy": busy,
             }
         )
     return entries
@@ -51,10 +58,14 @@ def format_comparison(entries: list[dict]) -> str:
             f"{e['new_s'] * 1e3:.3f}",
             f"{e['ratio']:.3f}",
             f"{e['noise']:.1%}",
-            e["verdict"],
+            " ".join(filter(None, [e["verdict"], "busy" if e.get("busy") else ""])),
         ]
         for e in entries
     ]
     flagged = sum(1 for e in entries if e["verdict"])
+    busy = sum(1 for e in entries if e.get("busy"))
     table = format_table(headers, rows, align="lllrrrrrrl")
-    return f"{table}\n\n{len(entries)} cases compared, {flagged} changed beyond the measured noise."
+    summary = f"{len(entries)} cases compared, {flagged} changed beyond the measured noise."
+    if busy:
+        summary += f" {busy} were timed on a busy machine (marked busy): their times may be inflated."
+    return f"{table}\n\n{summary}"

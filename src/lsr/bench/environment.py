@@ -4,6 +4,9 @@ Used by the sweep runner (metadata.json), the pytest-benchmark hook (machine_inf
 Memory, CPU counts and load come from psutil; the CPU model and its vector ISA from /proc/cpuinfo
 where there is one (psutil does not report them), because hosts of one kind differ by the ISA
 (AVX-512 or AVX2 only), and a ratio measured on one is not comparable with the other's.
+
+Also the machine's state while a sweep runs: the memory a case may use (`available_bytes`) and the
+CPU time other processes take while a case is timed (`OtherLoad`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -105,3 +109,63 @@ def environment(device: str = "cpu", **extra) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]) if sys.argv else None,
     } | extra
+
+
+def available_bytes(device: str) -> int | None:
+    """Memory a new allocation on `device` can take now; None where it cannot be known (mps)."""
+    device_type = torch.device(device).type
+    if device_type == "cpu":
+        return psutil.virtual_memory().available
+    if device_type == "cuda":
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    return None
+
+
+def _busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent not idle. Steal counts: a hypervisor that gives our
+    CPUs to another machine slows a measurement as much as a local process does."""
+    t = psutil.cpu_times()
+    fields = ("user", "nice", "system", "irq", "softirq", "steal")
+    return sum(getattr(t, name, 0.0) for name in fields)
+
+
+def _own_cpu_seconds() -> float:
+    t = psutil.Process().cpu_times()  # every thread of this process, torch's intra-op pool included
+    return t.user + t.system
+
+
+def _tick_seconds() -> float:
+    try:
+        return 1 / os.sysconf("SC_CLK_TCK")
+    except (AttributeError, ValueError, OSError):
+        return 0.01
+
+
+class OtherLoad:
+    """Measures, around a block, the CPU time other processes used as a fraction of the machine.
+
+    fraction = (machine's busy CPU time - this process's) / (wall time x logical CPUs). The clocks
+    behind both advance in ticks (10 ms), every CPU's apart, so the difference is known to about
+    (CPUs + 2) ticks: `fraction` is None after a block too short to know it within `resolution`
+    (about 0.4 s on 2 CPUs for the default).
+
+        with OtherLoad() as load:
+            work()
+        load.fraction
+    """
+
+    def __init__(self, resolution: float = 0.05):
+        self.resolution = resolution
+        self.fraction: float | None = None
+
+    def __enter__(self) -> OtherLoad:
+        self._start = (time.perf_counter(), _busy_cpu_seconds(), _own_cpu_seconds())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall0, busy0, own0 = self._start
+        others = (_busy_cpu_seconds() - busy0) - (_own_cpu_seconds() - own0)
+        cpus = psutil.cpu_count(logical=True) or 1
+        capacity = (time.perf_counter() - wall0) * cpus
+        if (cpus + 2) * _tick_seconds() <= self.resolution * capacity:
+            self.fraction = min(1.0, max(0.0, others / capacity))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -41,6 +41,11 @@ class Grid:
                     continue  # it cannot run backward twice through one graph
                 if impl.runs_on(device) and classes >= impl.min_classes:
                     yield Case(name, device, dtype, batch, classes, smoothing, pass_)
+
+    def as_dict(self) -> dict[str, list]:
+        """The axes as lists: what metadata.json records, and equal for equal grids whatever
+        sequence types they were given as."""
+        return {f.name: list(getattr(self, f.name)) for f in fields(self)}
 
 
 def present_devices() -> list[Device]:

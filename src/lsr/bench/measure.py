@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+import lsr
+from lsr.bench.grid import present_devices
 from lsr.bench.results import Case
 from lsr.registry import Implementation
 from lsr.types import DTYPES, LossFn
@@ -250,6 +252,44 @@ def peak_rss_bytes(fn: Callable[[], object]) -> int | None:
         for line in f:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
+    return None
+
+
+# Bytes a case allocates beyond its inputs, in logits, by registry name (the floor: its buffer). From
+# the measured peaks of forward+backward (and the gate, which is one of them), rounded up: an
+# estimate that only keeps a sweep from starting a case that cannot fit, never a measurement.
+PEAK_FACTOR = {
+    "floor": 1.0,
+    "native": 3.0,
+    "dense": 4.0,
+    "sparse": 3.0,
+    "fused-exact": 1.1,
+    "fused-sparse": 1.1,
+    "fused-exact-inplace": 2.1,  # the benchmark gives it a copy of the logits to overwrite
+}
+DEFAULT_PEAK_FACTOR = 4.0  # an implementation not listed: assume the dense one's appetite
+
+
+def estimated_peak_bytes(case: Case) -> int:
+    """What `case` needs at its peak: logits and targets, and the implementation's factor x logits."""
+    logits = case.batch * case.classes * DTYPES[case.dtype].itemsize
+    factor = PEAK_FACTOR.get(case.implementation, DEFAULT_PEAK_FACTOR)
+    return int(logits * (1 + factor)) + case.batch * 8
+
+
+def refusal(case: Case) -> dict | None:
+    """Why the implementation cannot take `case` at all (a status and message), or None."""
+    if case.device not in present_devices():
+        return {"status": "not-available", "message": f"this machine has no {case.device} device"}
+    if case.is_floor:
+        return None
+    impl = lsr.get(case.implementation)
+    if not impl.runs_on(case.device):
+        return {"status": "not-available", "message": f"{impl.name} does not run on {case.device} here"}
+    if case.classes < impl.min_classes:
+        return {"status": "unsupported", "message": f"{impl.name} needs at least {impl.min_classes} classes"}
+    if impl.inplace_backward and case.pass_ == "backward":
+        return {"status": "unsupported", "message": "an in-place backward cannot run twice on one graph"}
     return None
 
 

@@ -1,9 +1,10 @@
 """The charts of a run, drawn with matplotlib's object-oriented API (no pyplot, no backend switch).
 
 `plot_run` writes the `CHARTS` for every dtype of a run (and per device and smoothing where it has
-several); `plot_side_by_side` puts several runs next to each other. Rows come from
-`lsr.bench.results.load` and are selected by `lsr.bench.report`; colours, markers, fonts, titles and
-resolution come from `lsr.bench.style`, so an implementation looks the same in every chart.
+several); `plot_side_by_side` puts several runs next to each other, at the (dtype, N, C) they all
+measured; `chart_folders` says where each run's charts go. Rows come from `lsr.bench.results.load`
+and are selected by `lsr.bench.report`; colours, markers, fonts, titles and resolution come from
+`lsr.bench.style`, so an implementation looks the same in every chart.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from lsr.bench.report import (
     ok_rows,
     variants,
 )
-from lsr.bench.results import FLOOR, PASSES
+from lsr.bench.results import FLOOR, PASSES, RESULTS_FILE
 
-__all__ = ["CHARTS", "plot_run", "plot_side_by_side"]
+__all__ = ["CHARTS", "chart_folders", "plot_run", "plot_side_by_side", "shared_shapes", "side_by_side_figure"]
 
 GRADIENT = "gradient"  # the reference line of the memory charts: N·C·itemsize bytes
 
@@ -228,6 +229,29 @@ DRAW: dict[str, Chart] = {
 assert tuple(DRAW) == CHARTS, "every chart the summary links is drawn here"
 
 
+def _name_parts(path: Path) -> tuple[str, ...]:
+    """The parts of an input's path that name it: a run folder, or a JSON file without its suffix."""
+    path = path.resolve()
+    if path.name == RESULTS_FILE:
+        path = path.parent
+    return (*path.parent.parts[1:], path.stem if path.suffix == ".json" else path.name)
+
+
+def chart_folders(inputs: list[Path], out: Path | None) -> list[Path]:
+    """Where each input's charts go: beside it without --out; OUT for one input; else a folder of
+    OUT per input, named by as many trailing parts of its path as tell the inputs apart."""
+    if out is None:
+        return [path if path.is_dir() else path.parent for path in inputs]
+    if len(inputs) == 1:
+        return [out]
+    parts = [_name_parts(path) for path in inputs]
+    for k in range(1, max(map(len, parts)) + 1):
+        names = ["_".join(p[-k:]) for p in parts]
+        if len(set(names)) == len(names):
+            return [out / name for name in names]
+    return [out / f"{name}_{i}" for i, name in enumerate(names, 1)]  # one input given twice
+
+
 def plot_run(rows: list[dict], metadata: dict, out_dir: Path) -> list[Path]:
     """Every chart for one run, per dtype (and per device and smoothing where it has several)."""
     written = []
@@ -241,29 +265,60 @@ def plot_run(rows: list[dict], metadata: dict, out_dir: Path) -> list[Path]:
     return written
 
 
-def _side_panel(ax: Axes, label: str, rows: list[dict], metadata: dict) -> None:
-    """One source's fwd+bwd time against N·C: per implementation, the fastest at each N·C."""
+Shape = tuple[str, int, int]  # dtype, N, C
+Source = tuple[str, list[dict], dict]  # label, rows, metadata
+
+
+def _shapes(rows: list[dict]) -> set[Shape]:
+    return {(r["dtype"], r["batch"], r["classes"]) for r in ok_rows(rows) if r["pass"] == FWD_BWD}
+
+
+def shared_shapes(sources: list[Source]) -> list[Shape]:
+    """The (dtype, N, C) measured forward+backward in every source, by dtype, then N·C, then N."""
+    common = set.intersection(*(_shapes(rows) for _, rows, _ in sources))
+    return sorted(common, key=lambda s: (s[0], s[1] * s[2], s[1]))
+
+
+def _side_panel(ax: Axes, label: str, rows: list[dict], metadata: dict, shapes: list[Shape]) -> None:
+    """One source's fwd+bwd time at each shape (a tick per shape, the same in every panel); per
+    implementation the fastest over the smoothings measured."""
+    at = {shape: i for i, shape in enumerate(shapes)}
     for name in [*implementations(rows), FLOOR]:
-        by_size: dict[int, float] = {}
+        best: dict[int, float] = {}
         for r in ok_rows(rows):
-            if r["implementation"] == name and r["pass"] == FWD_BWD:
-                size = r["batch"] * r["classes"]
-                by_size[size] = min(by_size.get(size, math.inf), r["median_s"])
-        if by_size:
-            xs = sorted(by_size)
-            ax.plot(xs, [by_size[x] for x in xs], **style.line_style(name))
-    _log_axes(ax)
-    ax.set_xlabel("logits N·C")
-    ax.set_title(style.title(label, metadata))
+            i = at.get((r["dtype"], r["batch"], r["classes"]))
+            if r["implementation"] == name and r["pass"] == FWD_BWD and i is not None:
+                best[i] = min(best.get(i, math.inf), r["median_s"])
+        if best:
+            xs = sorted(best)
+            # the floor's line has no marker: give it one that shows where it has a single shape
+            marker = {"marker": "_", "markersize": 14} if name == FLOOR else {}
+            ax.plot(xs, [best[x] for x in xs], **(style.line_style(name) | marker))
+    ax.set_yscale("log")
+    ax.grid(True, which="both")
+    ax.set_xticks(range(len(shapes)), [f"{n}×{c}" for _, n, c in shapes], rotation=45, ha="right")
+    ax.set_xlabel("N × C")
+    ax.set_title(style.title(label, metadata, shapes[0][0]))
 
 
-def plot_side_by_side(sources: list[tuple[str, list[dict], dict]], out_path: Path) -> Path:
-    """fwd+bwd time against N·C, a panel per source (machine or device), same implementations' colours."""
+def side_by_side_figure(sources: list[Source]) -> Figure:
+    """fwd+bwd time at the shapes every source measured: a column of panels per source, a row per
+    dtype, the same ticks in each, so that a point compares like with like."""
+    shapes = shared_shapes(sources)
+    if not shapes:
+        raise ValueError("no (dtype, N, C) was measured forward+backward in every source")
+    by_dtype = {dtype: [s for s in shapes if s[0] == dtype] for dtype in dict.fromkeys(s[0] for s in shapes)}
+    fig = style.figure(5.5 * len(sources), 5.2 * len(by_dtype))
+    axes = fig.subplots(len(by_dtype), len(sources), squeeze=False, sharey=True)
+    for row, dtype_shapes in zip(axes, by_dtype.values(), strict=True):
+        for ax, (label, rows, metadata) in zip(row, sources, strict=True):
+            _side_panel(ax, label, rows, metadata, dtype_shapes)
+        row[0].set_ylabel("forward+backward median time (s)")
+    _legend_below(fig, columns=4 * len(sources))
+    return fig
+
+
+def plot_side_by_side(sources: list[Source], out_path: Path) -> Path:
+    """`side_by_side_figure`, written to out_path."""
     with style.context():
-        fig = style.figure(5.5 * len(sources), 5.2)
-        axes = fig.subplots(1, len(sources), squeeze=False, sharey=True)
-        for ax, (label, rows, metadata) in zip(axes[0], sources, strict=True):
-            _side_panel(ax, label, rows, metadata)
-        axes[0][0].set_ylabel("forward+backward median time (s)")
-        _legend_below(fig, columns=4 * len(sources))
-        return style.save(fig, out_path)
+        return style.save(side_by_side_figure(sources), out_path)

@@ -1,9 +1,10 @@
 """What a run's rows say: the rows charts and tables select, the chart files, and results/README.md.
 
 The first section picks rows (the measured ones, indexed by case; the implementations in run
-order; one device and smoothing at a time) and names the chart files; `lsr.bench.plot` draws from
-the same selection, so the charts and the tables always show the same rows. The second section
-writes the generated Markdown summary, every table through `lsr.bench.tables.format_table`.
+order; one device and smoothing at a time), formats the table `lsr-bench run` prints and names the
+chart files; `lsr.bench.plot` draws from the same selection, so the charts and the tables always
+show the same rows. The second section writes the generated Markdown summary, every table through
+`lsr.bench.tables.format_table`.
 """
 
 from __future__ import annotations
@@ -71,6 +72,47 @@ def variants(rows: list[dict]) -> list[tuple[str, list[dict]]]:
         suffix = "" if len(keys) == 1 else f"_{device}_smoothing{smoothing:g}"
         split.append((suffix, subset))
     return split
+
+
+RUN_HEADERS = (
+    "implementation",
+    "device",
+    "dtype",
+    "N",
+    "C",
+    "pass",
+    "median ms",
+    "IQR ms",
+    "x floor",
+    "peak MiB",
+)
+
+
+def _run_cells(r: dict, floor: dict | None) -> list:
+    """One row of `format_run_table`: the ratio to the floor for measured forward+backward rows only."""
+    ok = r["status"] == "ok"
+    ratio = ok and floor and r["pass"] == FWD_BWD
+    status = r["status"] + (" (busy)" if r.get("busy") else "")  # timed while others loaded the machine
+    return [
+        *(r[k] for k in ("implementation", "device", "dtype", "batch", "classes", "pass")),
+        f"{r['median_s'] * 1e3:.3f}" if ok else "",
+        f"{r['iqr_s'] * 1e3:.3f}" if ok else "",
+        f"{r['median_s'] / floor['median_s']:.2f}" if ratio else "",
+        f"{r['peak_bytes'] / MiB:.1f}" if r.get("peak_bytes") is not None else "",
+        status if not r["message"] else f"{status}: {r['message'][:60]}",
+    ]
+
+
+def format_run_table(rows: list[dict]) -> str:
+    """What `lsr-bench run` prints: medians, one line per case, with forward+backward's ratio to the
+    floor and the peak memory."""
+    floors = {
+        (r["device"], r["dtype"], r["batch"], r["classes"]): r
+        for r in rows
+        if r["implementation"] == FLOOR and r["status"] == "ok"
+    }
+    lines = [_run_cells(r, floors.get((r["device"], r["dtype"], r["batch"], r["classes"]))) for r in rows]
+    return format_table([*RUN_HEADERS, "status"], lines, align="lllrrlrrrrl")
 
 
 def chart_file(chart: str, dtype: str, suffix: str = "") -> str:

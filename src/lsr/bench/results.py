@@ -1,6 +1,6 @@
 """Results data: one tidy CSV per run (a row per case) and a JSON file describing the machine.
 
-Schema of `results.csv` (validated by `read_rows`):
+Schema of `results.csv` (version 2, validated by `read_rows`):
 
 | column | type | meaning |
 |---|---|---|
@@ -13,12 +13,32 @@ Schema of `results.csv` (validated by `read_rows`):
 | pass | str | forward, backward or forward+backward (the floor row: forward+backward, its reference) |
 | median_s, iqr_s | float | median and interquartile range of one call, seconds (empty unless status is ok) |
 | runs, threads | int | calls timed, and torch's intra-op thread count |
+| min_time, logit_std | float | the run's timing budget per case (s) and the logits' standard deviation (since 2) |
 | peak_bytes | int | peak bytes allocated above those allocated before the pass (empty where not measurable) |
 | peak_rss_bytes | int | the process's peak resident set during the pass (CPU on Linux only) |
 | logits_bytes | int | N * C * itemsize, the size of the logits and of their gradient |
 | max_rel_error | float | the correctness gate's largest relative error against float64 |
-| status | str | ok, failed (gate), oom, error |
+| other_load | float | CPU time other processes used while the case was timed, as a fraction of the machine; empty when timed too briefly to tell (under about 0.4 s) (since 2) |
+| busy | bool | other_load above BUSY_LOAD (0.10): the time may be inflated; the status stays ok (since 2) |
+| status | str | one of the statuses below |
 | message | str | why, when status is not ok; a warning on an ok row (e.g. a wide IQR) |
+| schema_version | int | the version of this schema the file was written with (since 2; a file without it is 1) |
+
+Statuses:
+
+| status | meaning |
+|---|---|
+| ok | gated, timed and metered |
+| failed | the correctness gate rejected it: never timed |
+| error | an exception other than running out of memory |
+| oom | out of memory: an allocator's error, or the isolated child killed by SIGKILL (the OOM killer) |
+| crashed | the isolated child died otherwise (the message names the signal or exit code) |
+| skipped | its estimated peak memory exceeds what the device has available (the message says both) |
+| unsupported | the implementation does not take this case (too few classes, backward of an in-place one) |
+| not-available | the device is not on this machine, or the implementation cannot run on it here (e.g. no Triton) |
+
+A file written before a column existed reads with that column's default (`ADDED_LATER`); a file
+with a later schema_version than this module's is refused. Two rows with one case key are refused.
 """
 
 from __future__ import annotations
@@ -38,13 +58,16 @@ from lsr.types import DEVICES, DTYPES, SMOOTHING_KINDS
 # --- the benchmark's vocabulary: every other module of lsr.bench imports it from here ----------------
 
 Pass = Literal["forward", "backward", "forward+backward"]
-Status = Literal["ok", "failed", "oom", "error"]
+Status = Literal["ok", "failed", "error", "oom", "crashed", "skipped", "unsupported", "not-available"]
 PASSES: tuple[Pass, ...] = get_args(Pass)
 STATUSES: tuple[Status, ...] = get_args(Status)
 FLOOR = "floor"  # the implementation name (and smoothing kind) of torch.exp(z, out=buf) on the same logits
 KINDS = (*SMOOTHING_KINDS, FLOOR)
 CASE_KEY = ("implementation", "device", "dtype", "batch", "classes", "smoothing", "pass")
 RESULTS_FILE, METADATA_FILE = "results.csv", "metadata.json"
+SCHEMA_VERSION = 2  # of results.csv and metadata.json; raise it with every column or status added
+# Other processes using more than this fraction of the machine's CPU time during a case make it busy.
+BUSY_LOAD = 0.10
 
 
 @dataclass(frozen=True)
@@ -90,7 +113,13 @@ def new_row(case: Case, smoothing_kind: str) -> dict:
         "logits_bytes": logits_bytes,
         "status": "ok",
         "message": "",
+        "schema_version": SCHEMA_VERSION,
     }
+
+
+def busy_rows(rows: list[dict]) -> list[dict]:
+    """The rows timed while other processes used more than BUSY_LOAD of the machine."""
+    return [row for row in rows if row.get("busy")]
 
 
 COLUMNS = {
@@ -106,12 +135,17 @@ COLUMNS = {
     "iqr_s": float,
     "runs": int,
     "threads": int,
+    "min_time": float,
+    "logit_std": float,
     "peak_bytes": int,
     "peak_rss_bytes": int,
     "logits_bytes": int,
     "max_rel_error": float,
+    "other_load": float,
+    "busy": bool,
     "status": str,
     "message": str,
+    "schema_version": int,
 }
 OPTIONAL = {
     "median_s",
@@ -121,32 +155,77 @@ OPTIONAL = {
     "peak_bytes",
     "peak_rss_bytes",
     "max_rel_error",
+    "min_time",
+    "logit_std",
+    "other_load",
+    "busy",
     "message",
 }
+# Columns added after version 1, and what a row of a file written without them reads as.
+ADDED_LATER = {
+    "min_time": None,
+    "logit_std": None,
+    "other_load": None,
+    "busy": None,
+    "schema_version": 1,
+}
+BOOLEANS = {"True": True, "true": True, "1": True, "False": False, "false": False, "0": False}
 
 
 class SchemaError(ValueError):
     """A results file that does not follow the documented schema."""
 
 
+def _umask() -> int:
+    try:  # Linux says it; elsewhere reading it means setting it, which races with other threads
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in `directory` durable; best effort (some systems cannot open a directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, text: str) -> None:
-    """Write through a temporary file and rename, so a reader never sees half a file."""
+    """Write through a temporary file and rename, so a reader never sees half a file, even after a
+    power loss (the file is synced before the rename, the directory after). The file gets the
+    permissions of any new file (0o666 less the umask), not mkstemp's private 0o600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w", newline="") as f:
             f.write(text)
+            f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+    _fsync_directory(path.parent)
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
+    """Write `rows` in this version of the schema (rows read from an older file included)."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(COLUMNS), lineterminator="\n")
     writer.writeheader()
     for row in rows:
+        row = row | {"schema_version": SCHEMA_VERSION}
         writer.writerow({k: "" if row.get(k) is None else row[k] for k in COLUMNS})
     atomic_write(path, buffer.getvalue())
 
@@ -154,6 +233,8 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 def _convert(raw: str, kind: type, finite: bool):
     if kind is str:
         return raw
+    if kind is bool:
+        return BOOLEANS[raw]  # KeyError: reported as a wrong type
     value = float(raw)
     if kind is int:
         if not value.is_integer():
@@ -164,10 +245,13 @@ def _convert(raw: str, kind: type, finite: bool):
     return value
 
 
-def _parse(row: dict, line: int, path: Path) -> dict:
+def _parse(row: dict, line: int, path: Path, defaults: dict) -> dict:
     parsed = {}
     for column, kind in COLUMNS.items():
         raw = row.get(column)
+        if column in defaults:
+            parsed[column] = defaults[column]
+            continue
         if raw is None:
             raise SchemaError(f"{path}:{line}: missing column {column!r}")
         if raw == "":
@@ -177,10 +261,15 @@ def _parse(row: dict, line: int, path: Path) -> dict:
             continue
         try:
             parsed[column] = _convert(raw, kind, finite=column not in OPTIONAL)
-        except (ValueError, OverflowError):
+        except (ValueError, OverflowError, KeyError):
             raise SchemaError(
                 f"{path}:{line}: column {column!r} should be {kind.__name__}, got {raw!r}"
             ) from None
+    if parsed["schema_version"] > SCHEMA_VERSION:
+        raise SchemaError(
+            f"{path}:{line}: written with schema version {parsed['schema_version']}; "
+            f"this lsr-bench reads up to {SCHEMA_VERSION}: update it"
+        )
     if parsed["status"] not in STATUSES:
         raise SchemaError(f"{path}:{line}: status {parsed['status']!r} is not one of {STATUSES}")
     if parsed["pass"] not in PASSES:
@@ -195,8 +284,17 @@ def _parse(row: dict, line: int, path: Path) -> dict:
     return parsed
 
 
+def _refuse_duplicates(rows: list[tuple[int, dict]], path: Path) -> None:
+    """Two rows of one case would make every chart and comparison pick one silently."""
+    first_line: dict[tuple, int] = {}
+    for line, row in rows:
+        earlier = first_line.setdefault(case_key(row), line)
+        if earlier != line:
+            raise SchemaError(f"{path}: lines {earlier} and {line} measure the same case {case_key(row)}")
+
+
 def read_rows(path: str | Path) -> list[dict]:
-    """Read and validate a results.csv (or a directory holding one)."""
+    """Read and validate a results.csv (or a directory holding one), of this schema or an older one."""
     path = Path(path)
     if path.is_dir():
         path = path / RESULTS_FILE
@@ -204,13 +302,18 @@ def read_rows(path: str | Path) -> list[dict]:
         raise FileNotFoundError(f"no results file at {path}")
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+        missing = [c for c in COLUMNS if c not in (reader.fieldnames or []) and c not in ADDED_LATER]
         if missing:
             raise SchemaError(f"{path}: not a results file, missing columns {missing}")
-        return [_parse(row, line, path) for line, row in enumerate(reader, start=2)]
+        # A file older than a column reads its default: the row then has every column of this schema.
+        defaults = {c: ADDED_LATER[c] for c in ADDED_LATER if c not in reader.fieldnames}
+        rows = [(line, _parse(row, line, path, defaults)) for line, row in enumerate(reader, start=2)]
+    _refuse_duplicates(rows, path)
+    return [row for _, row in rows]
 
 
 def write_metadata(path: Path, metadata: dict) -> None:
+    metadata = metadata | {"schema_version": SCHEMA_VERSION}
     atomic_write(path, json.dumps(metadata, indent=2, sort_keys=True) + "\n")
 
 
@@ -245,15 +348,19 @@ def _benchmark_row(bench: dict) -> dict | None:
     info, stats = bench.get("extra_info", {}), bench["stats"]
     if "case" not in info:
         return None
-    return info["case"] | {
-        "median_s": stats["median"],
-        "iqr_s": stats["iqr"],
-        "runs": stats["rounds"] * stats.get("iterations", 1),
-        "threads": info.get("threads"),
-        "peak_bytes": info.get("peak_bytes"),
-        "status": "ok",
-        "message": "",
-    }
+    return (
+        dict.fromkeys(COLUMNS)
+        | info["case"]
+        | {
+            "median_s": stats["median"],
+            "iqr_s": stats["iqr"],
+            "runs": stats["rounds"] * stats.get("iterations", 1),
+            "threads": info.get("threads"),
+            "peak_bytes": info.get("peak_bytes"),
+            "status": "ok",
+            "message": "",
+        }
+    )
 
 
 def _from_pytest_benchmark(path: Path) -> tuple[list[dict], dict]:

@@ -1,22 +1,40 @@
-"""Running a sweep: every case gated, timed and metered; failures recorded, rows kept as they come."""
+"""Running a sweep: every case gated, timed and metered; failures recorded, rows kept as they come.
+
+What a sweep guarantees: one writer per output directory (a lock, `SweepLocked`); the results file
+rewritten atomically after every row, so an interruption (`SweepInterrupted`) or a crash loses at
+most the case being measured; resume re-measures only this grid's cases not measured ok, keeps every
+other row as it was, and refuses rows measured with other settings; with `isolate`, a case that
+kills its process costs its row only.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gc
-from collections.abc import Iterable
+import itertools
+import os
+import pickle
+import shlex
+import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import psutil
 import torch
 from tqdm import tqdm
 
 import lsr
+from lsr.bench import isolate as isolation
 from lsr.bench import measure
-from lsr.bench.environment import environment
+from lsr.bench.environment import OtherLoad, available_bytes, environment
 from lsr.bench.results import (
+    BUSY_LOAD,
     FLOOR,
     METADATA_FILE,
     RESULTS_FILE,
     Case,
+    busy_rows,
     case_key,
     new_row,
     read_metadata,
@@ -26,19 +44,77 @@ from lsr.bench.results import (
 )
 from lsr.types import LossFn
 
+__all__ = [
+    "BusyMachineWarning",
+    "ResumeRefused",
+    "SweepInterrupted",
+    "SweepLocked",
+    "busy_rows",
+    "measure_case",
+    "run_sweep",
+]
+
+ISOLATION = (None, "case", "size")
+SETTINGS = ("threads", "min_time", "logit_std")  # the columns that change what a row measures
+LOCK_FILE = ".lsr-bench.lock"
+
+
+class SweepLocked(RuntimeError):
+    """Another process is writing a sweep into the same output directory."""
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a sweep: the rows measured so far are on disk; `done` of `total` cases this run set
+    out to measure were measured."""
+
+    def __init__(self, done: int, total: int):
+        super().__init__(f"interrupted after {done} of {total} cases")
+        self.done, self.total = done, total
+
+
+class ResumeRefused(ValueError):
+    """Resuming would mix rows measured with different settings in one file."""
+
+
+class BusyMachineWarning(UserWarning):
+    """Some cases were timed while other processes used a share of the machine."""
+
+
+# --- one case ---------------------------------------------------------------------------------------
+
 
 def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(error).lower()
+    # CUDA's and MPS's allocators say "out of memory"; PyTorch's CPU allocator "can't allocate memory"
+    # or "not enough memory" in a RuntimeError.
+    phrases = ("out of memory", "can't allocate memory", "not enough memory")
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or any(
+        phrase in str(error).lower() for phrase in phrases
+    )
 
 
 def base_row(case: Case) -> dict:
-    """The row of `case` before anything is measured."""
-    return new_row(case, FLOOR if case.is_floor else lsr.get(case.implementation).smoothing_kind)
+    """The row of `case` before anything is measured, with the settings it is measured under."""
+    kind = FLOOR if case.is_floor else lsr.get(case.implementation).smoothing_kind
+    return new_row(case, kind) | {"threads": torch.get_num_threads()}
 
 
 def failure(error: BaseException, context: str = "") -> dict:
     status = "oom" if is_out_of_memory(error) else "error"
     return {"status": status, "message": f"{context}{type(error).__name__}: {error}".splitlines()[0][:300]}
+
+
+def memory_refusal(case: Case, held_bytes: int = 0) -> dict | None:
+    """A skip when the case's estimated peak exceeds what its device has free (plus `held_bytes`,
+    the inputs this process already holds for it)."""
+    available = available_bytes(case.device)
+    needed = measure.estimated_peak_bytes(case)
+    if available is None or needed <= available + held_bytes:
+        return None
+    return {
+        "status": "skipped",
+        "message": f"estimated peak {needed / 2**30:.2f} GiB exceeds the "
+        f"{(available + held_bytes) / 2**30:.2f} GiB available on {case.device}",
+    }
 
 
 def measure_case(
@@ -52,8 +128,11 @@ def measure_case(
         if impl is not None:
             row["max_rel_error"] = measure.check_against_reference(case, problem, impl, loss_fn)
         timed = measure.Pass(case, problem, impl, loss_fn)
-        timing = measure.time_pass(timed, min_time=min_time)
+        with OtherLoad(resolution=BUSY_LOAD / 2) as load:
+            timing = measure.time_pass(timed, min_time=min_time)
         row.update(median_s=timing.median, iqr_s=timing.iqr, runs=timing.runs, threads=timing.threads)
+        if load.fraction is not None:  # else timed too briefly to tell: both stay empty
+            row.update(other_load=load.fraction, busy=load.fraction > BUSY_LOAD)
         row["message"] = timing.warning or ""
         row["peak_bytes"] = measure.peak_bytes(timed, device)
         if device.type == "cpu":
@@ -70,68 +149,238 @@ def measure_case(
     return row
 
 
+def _size(case: Case) -> tuple:
+    return (case.device, case.dtype, case.batch, case.classes)
+
+
+def measure_cases(
+    cases: list[Case],
+    logit_std: float,
+    min_time: float,
+    loss_fns: dict[str, LossFn],
+    threads: int | None = None,
+) -> Iterator[dict]:
+    """A row per case, in order, each size's inputs made once. The one place cases are measured: in
+    this process, or in an isolated child (hence `threads`: a child starts with torch's default)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    size, problem, problem_error = None, None, None
+    for case in cases:
+        why_not = measure.refusal(case)
+        if why_not is None and _size(case) != size:
+            size, problem, problem_error = _size(case), None, None
+            gc.collect()  # the previous size's inputs go before this size's are weighed and made
+        held = 0 if problem is None else case.batch * case.classes * problem.logits.element_size()
+        why_not = why_not or memory_refusal(case, held)
+        if why_not is None and problem is None and problem_error is None:
+            try:
+                problem = measure.Problem.make(case, logit_std=logit_std)
+            except Exception as e:  # noqa: BLE001
+                problem_error = e
+        if why_not is not None:
+            row = base_row(case) | why_not
+        elif problem is None:
+            row = base_row(case) | failure(problem_error, "making inputs: ")
+        else:
+            row = measure_case(case, problem, loss_fns.get(case.implementation), min_time=min_time)
+        yield row | {"min_time": min_time, "logit_std": logit_std}
+
+
+def isolated_rows(
+    cases: list[Case], logit_std: float, min_time: float, loss_fns: dict[str, LossFn], threads: int
+) -> Iterator[dict]:
+    """`measure_cases` in a child process, and in a new one after each death, which costs the case
+    being measured: its row says how the child died (oom on SIGKILL, else crashed)."""
+    left = list(cases)
+    while left:
+        try:
+            for row in isolation.stream(measure_cases, list(left), logit_std, min_time, loss_fns, threads):
+                left.pop(0)  # rows come in the order of the cases
+                yield row
+            return
+        except isolation.ChildDied as died:
+            if left:
+                settings = {"min_time": min_time, "logit_std": logit_std}
+                yield base_row(left.pop(0)) | died.outcome() | settings
+
+
+def _groups(cases: list[Case], isolate: str | None) -> list[list[Case]]:
+    if isolate is None:
+        return [cases]
+    if isolate == "case":
+        return [[case] for case in cases]
+    return [list(group) for _, group in itertools.groupby(cases, key=_size)]
+
+
+# --- the output directory: one writer, resume ---------------------------------------------------------
+
+
+def _lock(path: Path) -> int:
+    """A descriptor of `path` holding its exclusive lock; SweepLocked, naming the holder, if taken."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process starting up"
+            os.close(fd)
+            raise SweepLocked(
+                f"another sweep is writing to {path.parent}: {holder}; "
+                "wait for it to end or choose another --out"
+            ) from None
+        try:  # a holder that was ending may have removed the file we opened: lock the one there now
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def output_lock(out_dir: Path) -> Iterator[None]:
+    """Hold out_dir for one sweep. The lock file names its holder while it runs and goes with it; the
+    kernel drops the lock however the holder ends, so a file left by a killed one never blocks."""
+    path = out_dir / LOCK_FILE
+    fd = _lock(path)
+    try:
+        command = " ".join(shlex.join(psutil.Process().cmdline()).split())[:300]  # one line
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}: {command}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # while still locked, so no one locks the file being removed
+        os.close(fd)  # releases the lock
+
+
+def _row_settings(row: dict, fallback: dict) -> dict:
+    # Rows of a schema-1 file carry no settings: they take those of the run's metadata.
+    return {k: fallback.get(k) if row.get(k) is None else row[k] for k in SETTINGS}
+
+
+def previous_rows(out_dir: Path, cases: list[Case], settings: dict, resume_mixed: bool) -> dict[tuple, dict]:
+    """out_dir's rows by case key, every one kept: those of `cases` not ok are measured again (and
+    replaced), the rest stay as they were. Refused when a row that stays was measured with settings
+    other than `settings`, unless `resume_mixed`."""
+    rows = read_rows(out_dir / RESULTS_FILE)
+    fallback = read_metadata(out_dir).get("settings", {})
+    for row in rows:
+        row.update(_row_settings(row, fallback))
+    wanted = {case.key() for case in cases}
+    staying = [row for row in rows if row["status"] == "ok" or case_key(row) not in wanted]
+    others = [row for row in staying if _row_settings(row, {}) != settings]
+    if others and not resume_mixed:
+        raise ResumeRefused(
+            f"cannot resume {out_dir}: {len(others)} rows kept were measured with "
+            f"{_row_settings(others[0], {})}, this run uses {settings}; start afresh in another --out, "
+            "or resume_mixed=True (--resume-mixed) to keep them"
+        )
+    return {case_key(row): row for row in rows}
+
+
+def _metadata(out_dir: Path, cases: list[Case], settings: dict, resume: bool, **extra) -> dict:
+    devices = sorted({case.device for case in cases})
+    metadata = environment(devices[0] if len(devices) == 1 else ",".join(devices), **extra)
+    metadata["settings"] = settings
+    previous = read_metadata(out_dir) if resume else {}
+    if previous:
+        metadata["resumed"] = [
+            *previous.get("resumed", []),
+            {k: previous.get(k) for k in ("git_commit", "date", "grid", "settings")},
+        ]
+    return metadata
+
+
+# --- the sweep ------------------------------------------------------------------------------------------
+
+
+def _check_isolation(isolate: str | None, loss_fns: dict[str, LossFn]) -> None:
+    if isolate not in ISOLATION:
+        raise ValueError(f"isolate must be one of {ISOLATION}, got {isolate!r}")
+    if isolate is None:
+        return
+    in_main = [name for name, fn in loss_fns.items() if getattr(fn, "__module__", None) == "__main__"]
+    if in_main:
+        raise ValueError(f"with isolate, loss_fns must be importable; {in_main} are defined in __main__")
+    try:
+        pickle.dumps(loss_fns)
+    except (pickle.PicklingError, AttributeError, TypeError) as e:
+        raise ValueError(
+            f"with isolate, loss_fns must be importable (module-level) functions: the child imports them ({e})"
+        ) from None
+
+
+def _record(
+    rows: dict, todo: list[Case], out_dir: Path, isolate: str | None, args: tuple, progress: bool
+) -> int:
+    """Measure `todo` into `rows`, rewriting the results file after each; return how many were measured."""
+    done = 0
+    with tqdm(total=len(todo), disable=not progress, unit="case", dynamic_ncols=True) as bar:
+        try:
+            for group in _groups(todo, isolate):
+                source = measure_cases(group, *args) if isolate is None else isolated_rows(group, *args)
+                for row in source:
+                    rows[case_key(row)] = row
+                    write_rows(out_dir / RESULTS_FILE, list(rows.values()))
+                    done += 1
+                    bar.set_postfix_str(
+                        f"{row['implementation']} {row['pass']} N={row['batch']} C={row['classes']} {row['dtype']}"
+                    )
+                    bar.update()
+        except KeyboardInterrupt as e:
+            raise SweepInterrupted(done, len(todo)) from e
+    return done
+
+
 def run_sweep(
     cases: Iterable[Case],
     out_dir: Path,
     *,
     resume: bool = False,
+    resume_mixed: bool = False,
+    isolate: str | None = None,
+    grid: dict | None = None,
     preset: str | None = None,
     logit_std: float = 2.0,
     min_time: float = 0.5,
     loss_fns: dict[str, LossFn] | None = None,
     progress: bool = True,
 ) -> list[dict]:
-    """Measure `cases` into out_dir/results.csv, rewriting it (atomically) after every row.
+    """Measure `cases` into out_dir/results.csv, rewriting it (atomically) after every row; return
+    every row of the file.
 
-    resume: keep the rows already measured ok in out_dir and skip their cases; failed, oom and
-    error rows are measured again. Refused when the settings that change numbers (threads, logit
-    std, timing budget) differ from the first run's. loss_fns: overrides of the registry's functions
-    by name (tests use it to plant a wrong or failing implementation).
+    resume: keep the rows already in out_dir and skip the cases measured ok; this grid's cases that
+    are not ok are measured again, rows of other cases are kept as they were. Refused (ResumeRefused)
+    when a row kept was measured with other settings (threads, min_time, logit_std).
+    resume_mixed: resume anyway, keeping those rows: the file then mixes rows measured two ways (each
+    row says how; metadata["resumed"] lists the earlier runs' settings).
+    isolate: None measures in this process; "case" runs each case in a child process, "size" each
+    size's cases, so that a case that runs out of memory or crashes costs its row, not the sweep.
+    grid: the grid's fields, stored in metadata.json. loss_fns: overrides of the registry's functions
+    by name (tests plant wrong or failing ones; with isolate they must be importable).
+
+    Raises SweepLocked when another sweep holds out_dir, and SweepInterrupted on Ctrl-C (the rows
+    measured are kept). Warns (BusyMachineWarning) when other processes used more than BUSY_LOAD of
+    the machine while cases were timed: `busy_rows` finds them.
     """
-    cases = list(cases)
+    cases, loss_fns = list(cases), dict(loss_fns or {})
+    _check_isolation(isolate, loss_fns)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results_path = out_dir / RESULTS_FILE
-    devices = sorted({case.device for case in cases})
-    metadata = environment(devices[0] if len(devices) == 1 else ",".join(devices), preset=preset)
-    metadata["settings"] = {"threads": torch.get_num_threads(), "logit_std": logit_std, "min_time": min_time}
-    rows = []
-    if resume and results_path.exists():
-        previous = read_metadata(out_dir)
-        if previous.get("settings", metadata["settings"]) != metadata["settings"]:
-            raise ValueError(
-                f"cannot resume {out_dir}: it was measured with {previous['settings']}, this run uses "
-                f"{metadata['settings']}; start afresh in another --out"
-            )
-        rows = [r for r in read_rows(results_path) if r["status"] == "ok"]
-        metadata["resumed"] = [
-            *previous.get("resumed", []),
-            {k: previous.get(k) for k in ("git_commit", "date")},
-        ]
-    done = {case_key(r) for r in rows}
-    todo = [case for case in cases if case.key() not in done]
-    write_metadata(out_dir / METADATA_FILE, metadata)
-
-    bar = tqdm(total=len(todo), disable=not progress, unit="case", dynamic_ncols=True)
-    problem_key, problem = None, None
-    for case in todo:
-        key = (case.device, case.dtype, case.batch, case.classes)
-        if key != problem_key:  # cases come grouped by size: make each size's logits once
-            problem = None
-            gc.collect()
-            try:
-                problem = measure.Problem.make(case, logit_std=logit_std)
-                problem_key = key
-            except Exception as e:  # noqa: BLE001
-                problem_key, problem_error = key, e
-        if problem is None:
-            row = base_row(case) | failure(problem_error, "making inputs: ")
-        else:
-            row = measure_case(case, problem, (loss_fns or {}).get(case.implementation), min_time=min_time)
-        rows.append(row)
-        write_rows(results_path, rows)
-        bar.set_postfix_str(
-            f"{case.implementation} {case.pass_} N={case.batch} C={case.classes} {case.dtype}"
+    settings = {"threads": torch.get_num_threads(), "min_time": min_time, "logit_std": logit_std}
+    with output_lock(out_dir):
+        resuming = resume and (out_dir / RESULTS_FILE).exists()
+        rows = previous_rows(out_dir, cases, settings, resume_mixed) if resuming else {}
+        todo = [case for case in cases if rows.get(case.key(), {}).get("status") != "ok"]
+        metadata = _metadata(out_dir, cases, settings, resuming, preset=preset, grid=grid, isolate=isolate)
+        write_metadata(out_dir / METADATA_FILE, metadata)
+        args = (logit_std, min_time, loss_fns, settings["threads"])
+        _record(rows, todo, out_dir, isolate, args, progress)
+    busy = busy_rows([rows[case.key()] for case in todo])
+    if busy:
+        warnings.warn(
+            f"{len(busy)} of {len(todo)} cases were timed while other processes used more than "
+            f"{BUSY_LOAD:.0%} of the machine (column busy): their times may be inflated",
+            BusyMachineWarning,
+            stacklevel=2,
         )
-        bar.update()
-    bar.close()
-    return rows
+    return list(rows.values())

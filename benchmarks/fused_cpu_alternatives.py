@@ -39,7 +39,8 @@ def variants(n_rows: int, n_cols: int, block_elements: int) -> dict[str, Callabl
     """Every variant as a call without arguments, over one set of random logits (never zeros)."""
     gen = torch.Generator().manual_seed(0)
     z = (torch.randn(n_rows, n_cols, generator=gen) * 2).requires_grad_(True)
-    z_inplace = z.detach().clone().requires_grad_(True)  # holds gradients after the first call
+    # A non-leaf, as a layer's output is (in-place losses refuse leaves); holds gradients after a call.
+    z_inplace = z.detach().clone().requires_grad_(True).clone()
     t = torch.randint(0, n_cols, (n_rows,), generator=gen)
     buf = torch.empty_like(z)
 

@@ -154,6 +154,15 @@ def test_interrupted_sweep_keeps_rows_and_resume_skips_them(tmp_path):
     }
 
 
+def test_in_place_implementations_are_gated_and_timed(tmp_path):
+    """They overwrite their logits: the sweep gives them logits of their own, a non-leaf as in training."""
+    grid = Grid(["fused-exact-inplace", "native"], ["cpu"], ["float32"], batches=[8], classes=[10])
+    rows = run_sweep(grid.cases(), tmp_path, **FAST)
+    inplace = [r for r in rows if r["implementation"] == "fused-exact-inplace"]
+    assert [r["pass"] for r in inplace] == ["forward", "forward+backward"]  # no backward-only pass
+    assert all(r["status"] == "ok" for r in rows), [r["message"] for r in rows]
+
+
 def test_floor_rows_and_grid_skip_what_cannot_run():
     grid = Grid(["sparse", "native"], ["cpu"], ["float32"], batches=[4], classes=[1, 5])
     cases = list(grid.cases())

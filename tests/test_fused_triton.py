@@ -12,6 +12,7 @@ from conftest import TRITON_INTERPRETER
 from helpers import check, random_problem
 from lsr.fused import cpu_options, fused_label_smoothing
 from lsr.reference import exact_reference
+from test_fused import both, check_nan_rows_for_bad_targets
 
 if not TRITON_INTERPRETER:
     pytest.skip("needs Triton, imported with TRITON_INTERPRET=1", allow_module_level=True)
@@ -33,6 +34,21 @@ def test_row_stats_kernel_handles_rows_of_minus_infinity(monkeypatch):
     logits, target = random_problem((3, 40), seed=33)
     logits[:, :20] = float("-inf")
     target = target.clamp(min=20)
-    lse, _, z_y = tk.row_stats(logits, target, None, torch.float32)
+    lse, z_y, _, one_minus_p_y = tk.row_stats(logits, target, None, torch.float32, sparse=True)
     torch.testing.assert_close(lse, torch.logsumexp(logits, dim=1))
     torch.testing.assert_close(z_y, logits.gather(1, target.unsqueeze(1)).squeeze(1))
+    p_y = torch.softmax(logits.double(), dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
+    torch.testing.assert_close(one_minus_p_y.double(), 1 - p_y, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize("sparse", [False, True])
+def test_out_of_range_targets_give_nan_rows_without_reading_out_of_bounds(backend, sparse):
+    """validate_targets=False: a target outside [0, C) is never loaded (it read the next row, or the
+    previous one), and its row's loss and gradient are NaN, with nothing read back on the host."""
+    logits, target = random_problem((6, 37), seed=34)
+    target[1], target[2], target[5] = 37, -1, 40  # the next row's first logit, the previous row's last
+    fn, ref = both(sparse)
+    check_nan_rows_for_bad_targets(
+        lambda z, y: fn(z, y, 0.1, "none", validate_targets=False), ref, logits, target
+    )

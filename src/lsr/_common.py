@@ -144,7 +144,8 @@ def reduce_rows(
 
     row_loss: (M,) per-row loss, already multiplied by `row_weight` where weights are used.
     row_weight: (M,) weight of each row's target class; the mean divides by their sum over valid
-        rows (by the count of valid rows without weights). Mean over no valid rows is NaN, as in torch.
+        rows (by the count of valid rows without weights). A mean over no valid rows, or over targets
+        whose weights are all 0, is NaN, gradient included, as in `F.cross_entropy` (0/0 there).
     """
     row_loss = torch.where(rows.valid, row_loss, torch.zeros_like(row_loss))
     if reduction == "none":
@@ -156,6 +157,7 @@ def reduce_rows(
         denominator = rows.valid.sum().to(total.dtype)
     else:
         denominator = torch.where(rows.valid, row_weight, torch.zeros_like(row_weight)).sum()
+    denominator = torch.where(denominator == 0, float("nan"), denominator)
     return (total / denominator).to(out_dtype)
 
 

@@ -7,7 +7,8 @@ plus one float32 copy of the logits):
   - log_softmax: M x C, kept by autograd for the backward pass;
   - q: M x C, kept by autograd (the product's gradient with respect to log_softmax);
   - q * log_softmax (times the class weights, if given): M x C, freed after the sum.
-So the forward pass peaks at about three times the logits, where `F.cross_entropy` needs one.
+So the forward pass peaks at about three times the logits, where `F.cross_entropy` needs one (at
+smoothing 0, one more: log_softmax with the masked classes' 0 * -inf terms zeroed).
 (The paper's own baseline built q from an int64 one-hot, one more M x C tensor of 8-byte integers;
 this version builds q in the compute dtype directly.)
 """
@@ -56,6 +57,8 @@ def dense_label_smoothing(
     log_p = F.log_softmax(rows.logits.to(compute_dtype(rows.logits.dtype)), dim=1)
     q = torch.full_like(log_p, smoothing / C)
     q.scatter_(1, rows.safe_target.unsqueeze(1), 1 - smoothing + smoothing / C)
+    if smoothing == 0:  # q_j = 0 off the target: a masked class (log p_j = -inf) must add 0, not 0 * -inf
+        log_p = log_p.masked_fill(q == 0, 0.0)
     if weight is None:
         return reduce_rows(-(q * log_p).sum(dim=1), rows, reduction, input.dtype)
     weight = weight.to(log_p.dtype)
@@ -64,7 +67,15 @@ def dense_label_smoothing(
 
 
 class LSRLoss(LabelSmoothingLoss):
-    """Dense label smoothing as a module (the paper's baseline).
+    """Dense label smoothing as a module (the paper's baseline): `loss_fn(input, target)` is
+    `dense_label_smoothing(input, target, ...)` with the arguments given here.
+
+    Args:
+        smoothing: eps in [0, 1]; 0 is plain cross-entropy.
+        reduction: "mean" (over non-ignored elements, weighted by their targets' weights), "sum" or
+            "none" (one loss per element, the target's shape).
+        ignore_index: the target value of elements that contribute 0 and leave the mean's denominator.
+        weight: optional (C,) class weights, as in `F.cross_entropy`; a buffer, so it follows `.to()`.
 
     Example:
         >>> loss_fn = LSRLoss(smoothing=0.1)

@@ -21,12 +21,14 @@ def _prepare(input, target, ignore_index):
 
 
 def _reduce(per_element, row_weight, valid, reduction, out_shape):
-    per_element = per_element * valid
+    per_element = torch.where(valid, per_element, 0.0)  # not a product: an ignored inf would give NaN
     if reduction == "none":
         return per_element.reshape(out_shape)
     if reduction == "sum":
         return per_element.sum()
-    return per_element.sum() / (row_weight * valid).sum()
+    total_weight = (row_weight * valid).sum()
+    # None valid, or their weights all 0: NaN, as F.cross_entropy's 0/0 (a positive sum / 0 is inf)
+    return per_element.sum() / torch.where(total_weight == 0, float("nan"), total_weight)
 
 
 def exact_reference(

@@ -96,7 +96,14 @@ def seed_snippet_sparse_lsr(
 
 
 class SparseLSRLoss(LabelSmoothingLoss):
-    """SparseLSR as a module, a drop-in for the seed repository's class (now with the paper's sign).
+    """SparseLSR as a module, a drop-in for the seed repository's class (now with the paper's sign):
+    `loss_fn(input, target)` is `sparse_label_smoothing(input, target, ...)` with the arguments given here.
+
+    Args:
+        smoothing: xi in [0, 1]; 0 is plain cross-entropy.
+        reduction: "mean" (over non-ignored elements), "sum" or "none" (one loss per element, the
+            target's shape).
+        ignore_index: the target value of elements that contribute 0 and leave the mean's denominator.
 
     Example:
         >>> loss_fn = SparseLSRLoss(smoothing=0.1)

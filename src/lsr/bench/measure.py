@@ -51,8 +51,13 @@ class Problem:
         return cls(logits, target.to(device))
 
     def copy(self) -> Problem:
-        """Logits of its own, for an implementation that overwrites them with the gradient."""
-        return Problem(self.logits.detach().clone().requires_grad_(True), self.target)
+        """Logits of its own, for an implementation that overwrites them with the gradient.
+
+        They are a non-leaf (a clone of a leaf), as a layer's output is in training: an in-place
+        loss refuses leaf logits, which would become their own gradient.
+        """
+        leaf = self.logits.detach().clone().requires_grad_(True)
+        return Problem(leaf.clone(), self.target)
 
 
 class Pass:

@@ -2,7 +2,8 @@
 
 `row_stats` and `gradient` compute what the Triton kernels in `triton_kernels.py` compute, except
 the target column of the gradient, which `lsr.fused.loss` writes afterwards from saved O(N) values
-(inside the pass it costs a vectorised int64 compare per element: measured 1.5x slower). Written
+(inside the pass it costs a vectorised int64 compare per element: measured 1.5x slower; SparseLSR's
+statistics pay that compare, to sum 1 - p_y from the non-target terms). Written
 as whole-tensor expressions they would build N x C temporaries; two ways keep those out:
 
 - "compile": inductor fuses each pass into one vectorised C++ loop nest over rows (OpenMP), with
@@ -12,8 +13,8 @@ as whole-tensor expressions they would build N x C temporaries; two ways keep th
 "auto" (the default) compiles inputs of at least COMPILE_MIN_ELEMENTS logits when a C++ compiler is
 on PATH, and runs smaller ones eagerly: below that size compiling does not pay for itself.
 docs/fused.md has the measurements behind these choices (benchmarks/fused_cpu_alternatives.py
-measures them again); `cpu_options` changes the backend and block size for a `with` block. Inside a user's `torch.compile` region the
-plain expressions are traced into the user's graph instead.
+measures them again); `cpu_options` changes the backend and block size for a `with` block. Inside
+a user's `torch.compile` region the plain expressions are traced into the user's graph instead.
 """
 
 from __future__ import annotations
@@ -93,13 +94,22 @@ def _have_cxx_compiler() -> bool:
 # --- the two passes, as expressions ---------------------------------------------------------------
 
 
-def _row_stats(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, acc_dtype: torch.dtype):
+def _row_stats(
+    z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, acc_dtype: torch.dtype, sparse: bool
+):
+    """lse, and dot = sum_j w_j z_j (exact) or 1 - p_y from the non-target terms (sparse); the other None."""
     z = z.to(acc_dtype)
     m = z.amax(dim=1, keepdim=True)
     m = torch.where(m == float("-inf"), 0.0, m)  # a row of -inf only: lse = -inf, not NaN
-    lse = (m + (z - m).exp().sum(dim=1, keepdim=True).log()).squeeze(1)
-    dot = (z if weight is None else z * weight).sum(dim=1)
-    return lse, dot, z.gather(1, target.unsqueeze(1)).squeeze(1)
+    e = (z - m).exp()
+    total = e.sum(dim=1)
+    lse = m.squeeze(1) + total.log()
+    if not sparse:
+        return lse, (z if weight is None else z * weight).sum(dim=1), None
+    # A compare per element, not a gather: a target outside [0, C) excludes nothing here
+    classes = torch.arange(z.shape[1], device=z.device)
+    non_target = torch.where(classes != target.unsqueeze(1), e, 0.0).sum(dim=1)
+    return lse, None, non_target / total
 
 
 def _gradient(z: torch.Tensor, weight: torch.Tensor | None, lse, p, r) -> torch.Tensor:
@@ -123,20 +133,32 @@ def _compiled(fn):
 # --- entry points ------------------------------------------------------------------------------------
 
 
+Weight = torch.Tensor | None  # (C,) class weights, in the compute dtype
+# lse, z_y, and dot (exact smoothing) or 1 - p_y (SparseLSR), each (M,); the one not computed is None
+RowStats = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+
+
 def row_stats(
-    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, acc_dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(M, C) contiguous logits, (M,) int64 targets in [0, C) -> lse, dot = sum_j w_j z_j, z_y."""
+    logits: torch.Tensor, target: torch.Tensor, weight: Weight, acc_dtype: torch.dtype, sparse: bool
+) -> RowStats:
+    """(M, C) contiguous logits, (M,) int64 targets -> lse, z_y, dot (exact) and 1 - p_y (sparse).
+
+    A target outside [0, C) raises here (PyTorch's bounds check, run eagerly), except on the plain
+    path (traced into a compiled graph, or on a GPU without Triton), where a failed bounds check
+    aborts the process or the device: there it reads class 0, and `lsr.fused.loss` makes the row NaN.
+    """
     backend = _backend_for(logits)
+    index = target.clamp(0, logits.shape[1] - 1) if backend == "plain" else target
+    z_y = logits.gather(1, index.unsqueeze(1)).squeeze(1).to(acc_dtype)
     if backend == "compile":
-        return _compiled(_row_stats)(logits, target, weight, acc_dtype)
-    if backend == "plain":
-        return _row_stats(logits, target, weight, acc_dtype)
-    n_rows = logits.shape[0]
-    lse, dot, z_y = (torch.empty(n_rows, dtype=acc_dtype, device=logits.device) for _ in range(3))
-    for rows in _row_blocks(logits):
-        lse[rows], dot[rows], z_y[rows] = _row_stats(logits[rows], target[rows], weight, acc_dtype)
-    return lse, dot, z_y
+        stats = _compiled(_row_stats)(logits, target, weight, acc_dtype, sparse)
+    elif backend == "plain":
+        stats = _row_stats(logits, target, weight, acc_dtype, sparse)
+    else:
+        blocks = [_row_stats(logits[r], target[r], weight, acc_dtype, sparse) for r in _row_blocks(logits)]
+        stats = [None if parts[0] is None else torch.cat(parts) for parts in zip(*blocks, strict=True)]
+    lse, dot, one_minus_p_y = stats
+    return lse, z_y, dot, one_minus_p_y
 
 
 def gradient(

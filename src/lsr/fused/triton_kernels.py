@@ -3,8 +3,9 @@
 Importing this module imports Triton: `lsr.fused` imports it only when a kernel is first needed.
 The math the kernels serve is in `lsr.fused.loss`. Per row of logits z (target y, weights w):
 
-    _row_stats_kernel: lse = logsumexp(z), dot = sum_j w_j z_j, z_y         one read of z
-    _gradient_kernel:  g_k = p exp(z_k - lse) - r w_k - q [k = y]          one read, one write
+    _row_stats_kernel: lse = logsumexp(z), z_y, and dot = sum_j w_j z_j      one read of z
+                       (exact) or 1 - p_y from the j != y terms (SPARSE)
+    _gradient_kernel:  g_k = p exp(z_k - lse) - r w_k, and g_y = t          one read, one write
 
 One program per row for the statistics, looping over blocks of columns with an online max and
 sum-exp, so any class count fits (tested to 262144); one program per (row, column block) for the
@@ -21,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lsr.fused.cpu import RowStats, Weight
+
 STATS_BLOCK = 8192  # columns per step of the row loop
 GRADIENT_BLOCK = 4096  # columns per gradient program
 
@@ -31,35 +34,48 @@ def _row_stats_kernel(
     target_ptr,
     weight_ptr,
     lse_ptr,
-    dot_ptr,
     z_y_ptr,
+    dot_ptr,
+    one_minus_p_y_ptr,
     n_cols,
     stride_row,
     HAS_WEIGHT: tl.constexpr,
+    SPARSE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
+    y = tl.load(target_ptr + row)
     acc_dtype = lse_ptr.dtype.element_ty
     m = tl.full([], float("-inf"), acc_dtype)  # running max
     s = tl.zeros([], acc_dtype)  # running sum of exp(z - m)
-    dot = tl.zeros([], acc_dtype)
+    other = tl.zeros([], acc_dtype)  # the same over j != y (SPARSE)
+    dot = tl.zeros([], acc_dtype)  # sum of w_j z_j (not SPARSE)
     for start in range(0, n_cols, BLOCK_SIZE):
         cols = start + tl.arange(0, BLOCK_SIZE)
         mask = cols < n_cols
         z = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(acc_dtype)
         m_new = tl.maximum(m, tl.max(z, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row all -inf so far: no inf - inf
-        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe), axis=0)
+        rescale = tl.exp(m - m_safe)
+        e = tl.exp(z - m_safe)
+        s = s * rescale + tl.sum(e, axis=0)
         m = m_new
-        z = tl.where(mask, z, 0.0)
-        if HAS_WEIGHT:
-            z = z * tl.load(weight_ptr + cols, mask=mask, other=0.0).to(acc_dtype)
-        dot += tl.sum(z, axis=0)
-    y = tl.load(target_ptr + row)
+        if SPARSE:
+            other = other * rescale + tl.sum(tl.where(cols != y, e, 0.0), axis=0)
+        else:
+            z = tl.where(mask, z, 0.0)
+            if HAS_WEIGHT:
+                z = z * tl.load(weight_ptr + cols, mask=mask, other=0.0).to(acc_dtype)
+            dot += tl.sum(z, axis=0)
     tl.store(lse_ptr + row, m + tl.log(s))
-    tl.store(dot_ptr + row, dot)
-    tl.store(z_y_ptr + row, tl.load(row_ptr + y).to(acc_dtype))
+    # Never read outside the row: a target outside [0, C) (unvalidated) gets NaN, and so does its loss
+    in_row = (y >= 0) & (y < n_cols)
+    tl.store(z_y_ptr + row, tl.load(row_ptr + y, mask=in_row, other=float("nan")).to(acc_dtype))
+    if SPARSE:
+        tl.store(one_minus_p_y_ptr + row, other / s)
+    else:
+        tl.store(dot_ptr + row, dot)
 
 
 @triton.jit
@@ -70,8 +86,8 @@ def _gradient_kernel(
     weight_ptr,
     lse_ptr,
     p_ptr,
-    q_ptr,
     r_ptr,
+    t_ptr,
     n_cols,
     stride_logits_row,
     stride_grad_row,
@@ -85,12 +101,12 @@ def _gradient_kernel(
     z = tl.load(logits_ptr + row * stride_logits_row + cols, mask=mask, other=0.0).to(acc_dtype)
     lse = tl.load(lse_ptr + row)
     p = tl.load(p_ptr + row)
-    q = tl.load(q_ptr + row)
     r = tl.load(r_ptr + row)
+    t = tl.load(t_ptr + row)
     y = tl.load(target_ptr + row)
     if HAS_WEIGHT:
         r = r * tl.load(weight_ptr + cols, mask=mask, other=0.0).to(acc_dtype)
-    g = p * tl.exp(z - lse) - r - tl.where(cols == y, q, 0.0)
+    g = tl.where(cols == y, t, p * tl.exp(z - lse) - r)
     # Each element is read, then written, by the same program: grad_ptr may alias logits_ptr.
     tl.store(grad_ptr + row * stride_grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
@@ -105,13 +121,15 @@ def _device_guard(t: torch.Tensor):
 
 
 def row_stats(
-    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, acc_dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(M, C) logits (unit class stride), (M,) int64 targets in [0, C) -> lse, dot, z_y, each (M,)."""
+    logits: torch.Tensor, target: torch.Tensor, weight: Weight, acc_dtype: torch.dtype, sparse: bool
+) -> RowStats:
+    """(M, C) logits (unit class stride), (M,) int64 targets -> lse, z_y, dot (exact) and 1 - p_y
+    (sparse), each (M,); the one not computed is None."""
     n_rows, n_cols = logits.shape
-    lse, dot, z_y = (torch.empty(n_rows, dtype=acc_dtype, device=logits.device) for _ in range(3))
+    lse, z_y, third = (torch.empty(n_rows, dtype=acc_dtype, device=logits.device) for _ in range(3))
+    dot, one_minus_p_y = (None, third) if sparse else (third, None)
     if n_rows == 0:
-        return lse, dot, z_y
+        return lse, z_y, dot, one_minus_p_y
     block = min(triton.next_power_of_2(n_cols), STATS_BLOCK)
     with _device_guard(logits):
         _row_stats_kernel[(n_rows,)](
@@ -119,15 +137,17 @@ def row_stats(
             target,
             logits if weight is None else weight,  # not read without weights
             lse,
-            dot,
             z_y,
+            third,
+            third,
             n_cols,
             logits.stride(0),
             HAS_WEIGHT=weight is not None,
+            SPARSE=sparse,
             BLOCK_SIZE=block,
             num_warps=_num_warps(block),
         )
-    return lse, dot, z_y
+    return lse, z_y, dot, one_minus_p_y
 
 
 def gradient(
@@ -136,11 +156,11 @@ def gradient(
     weight: torch.Tensor | None,
     lse: torch.Tensor,
     p: torch.Tensor,
-    q: torch.Tensor,
     r: torch.Tensor,
+    t: torch.Tensor,
     out: torch.Tensor,
 ) -> torch.Tensor:
-    """Write g_k = p exp(z_k - lse) - r w_k - q [k = y] into `out` (which may be `logits` itself)."""
+    """Write g_k = p exp(z_k - lse) - r w_k, and t at k = y, into `out` (which may be `logits` itself)."""
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return out
@@ -153,8 +173,8 @@ def gradient(
             logits if weight is None else weight,
             lse,
             p,
-            q,
             r,
+            t,
             n_cols,
             logits.stride(0),
             out.stride(0),

@@ -163,6 +163,13 @@ def test_in_place_implementations_are_gated_and_timed(tmp_path):
     assert all(r["status"] == "ok" for r in rows), [r["message"] for r in rows]
 
 
+@pytest.mark.filterwarnings("error:Converting a tensor with requires_grad")
+def test_the_gate_reads_no_value_that_requires_grad(impl):
+    """An in-place loss returns its logits as the gradient: the gate must detach it before reading."""
+    case = Case(impl.name, "cpu", "float32", 16, 10, 0.1, "forward+backward")
+    assert measure.check_against_reference(case, measure.Problem.make(case), impl) < 1e-4
+
+
 def test_floor_rows_and_grid_skip_what_cannot_run():
     grid = Grid(["sparse", "native"], ["cpu"], ["float32"], batches=[4], classes=[1, 5])
     cases = list(grid.cases())

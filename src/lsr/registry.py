@@ -18,7 +18,7 @@ from lsr.fused import fused_label_smoothing, fused_sparse_label_smoothing, trito
 from lsr.native import native_label_smoothing
 from lsr.reference import exact_reference, sparse_reference
 from lsr.sparse import sparse_label_smoothing
-from lsr.types import DEVICES, SMOOTHING_KINDS, Device, LossFn, SmoothingKind
+from lsr.types import DEVICES, DTYPES, REDUCTIONS, SMOOTHING_KINDS, Device, LossFn, Reduction, SmoothingKind
 
 
 @dataclass(frozen=True)
@@ -34,10 +34,45 @@ class Implementation:
     # Writes the gradient into the logits' storage: benchmarks give it its own copy of the logits
     # and skip the backward-only pass (running backward twice on one graph is what it forbids).
     inplace_backward: bool = False
+    dtypes: tuple[str, ...] = tuple(DTYPES)  # logits dtypes it takes
+    reductions: tuple[Reduction, ...] = REDUCTIONS
+    supports_ignore_index: bool = True
+    # Where its arithmetic knowingly differs from PyTorch's in a case it does take (said, not hidden
+    # by a wider tolerance); shown by the README and the CLI.
+    notes: str = ""
 
     @property
     def reference(self) -> LossFn:
         return exact_reference if self.smoothing_kind == "exact" else sparse_reference
+
+    def unsupported(
+        self,
+        *,
+        classes: int,
+        dtype: str = "float32",
+        reduction: str = "mean",
+        weighted: bool = False,
+        ignoring: bool = False,
+    ) -> str | None:
+        """Why this implementation cannot take such a case (a sentence), or None when it can.
+
+        Example:
+            >>> get("sparse").unsupported(classes=1)
+            'sparse needs at least 2 classes'
+            >>> get("native").unsupported(classes=10, weighted=True) is None
+            True
+        """
+        if classes < self.min_classes:
+            return f"{self.name} needs at least {self.min_classes} classes"
+        if dtype not in self.dtypes:
+            return f"{self.name} takes {', '.join(self.dtypes)} logits, not {dtype}"
+        if reduction not in self.reductions:
+            return f"{self.name} has no reduction {reduction!r}"
+        if weighted and not self.supports_weight:
+            return f"{self.name} takes no class weights"
+        if ignoring and not self.supports_ignore_index:
+            return f"{self.name} has no ignore_index"
+        return None
 
     def runs_on(self, device: str | torch.device) -> bool:
         device_type = torch.device(device).type

@@ -291,8 +291,9 @@ def refusal(case: Case) -> dict | None:
     impl = lsr.get(case.implementation)
     if not impl.runs_on(case.device):
         return {"status": "not-available", "message": f"{impl.name} does not run on {case.device} here"}
-    if case.classes < impl.min_classes:
-        return {"status": "unsupported", "message": f"{impl.name} needs at least {impl.min_classes} classes"}
+    reason = impl.unsupported(classes=case.classes, dtype=case.dtype)
+    if reason:
+        return {"status": "unsupported", "message": reason}
     if impl.inplace_backward and case.pass_ == "backward":
         return {"status": "unsupported", "message": "an in-place backward cannot run twice on one graph"}
     return None

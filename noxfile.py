@@ -16,8 +16,9 @@ PINNED = ("-c", "constraints.txt")
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The test suite; Triton kernels run on CPU under TRITON_INTERPRET=1."""
-    session.install(*PINNED, "-e", ".[tests,triton,benchmarking,experiments]")
+    """The test suite; Triton kernels (lsr's and Liger-Kernel's, the `peers` extra) run on CPU under
+    TRITON_INTERPRET=1."""
+    session.install(*PINNED, "-e", ".[tests,triton,benchmarking,experiments,peers]")
     session.run("pytest", *(session.posargs or ["-q"]), env={"TRITON_INTERPRET": "1"})
 
 

@@ -15,12 +15,13 @@ from lsr.bench.cli import main as cli_main
 from lsr.bench.compare import compare
 from lsr.bench.grid import Grid
 from lsr.bench.report import CHARTS
-from lsr.bench.results import FLOOR, Case, SchemaError, read_rows, write_rows
+from lsr.bench.results import FLOOR, FLOOR_ALLOC, Case, SchemaError, read_rows, write_rows
 from lsr.bench.runner import run_sweep
 
 EAGER = ["native", "dense", "sparse"]
 TINY = Grid(EAGER, ["cpu"], ["float32"], batches=[8, 32], classes=[10])
 FAST = dict(min_time=0.001, progress=False)
+PLAIN = ("float32", 0.1, 0.0, False)  # dtype, smoothing, ignore fraction, weighted of the plain sweep
 
 
 # --- the CPU memory meter -------------------------------------------------------------------------
@@ -96,9 +97,10 @@ def test_gate_checks_the_timed_mean_reduction(tmp_path):
 def test_resume_measures_failed_rows_again_and_refuses_other_settings(tmp_path):
     cases = list(Grid(["native"], ["cpu"], ["float32"], [4], [3], passes=["forward"]).cases())
     first = run_sweep(cases, tmp_path, loss_fns={"native": wrong_smoothing}, **FAST)
-    assert [r["status"] for r in first] == ["ok", "failed"]
+    assert [r["implementation"] for r in first] == [FLOOR, FLOOR_ALLOC, "native"]
+    assert [r["status"] for r in first] == ["ok", "ok", "failed"]
     again = run_sweep(cases, tmp_path, resume=True, **FAST)
-    assert [r["status"] for r in again] == ["ok", "ok"] and again[0] == first[0]
+    assert [r["status"] for r in again] == ["ok", "ok", "ok"] and again[:2] == first[:2]
     with pytest.raises(ValueError, match="cannot resume"):
         run_sweep(cases, tmp_path, resume=True, logit_std=5.0, **FAST)
 
@@ -221,15 +223,19 @@ def test_compare_flags_changes_beyond_noise(tmp_path):
 def test_cli_run_plot_compare_end_to_end(tmp_path, capsys):
     out = tmp_path / "results"
     args = ["run", "--impl", *EAGER, "--device", "cpu", "--batch", "16", "64", "--classes", "10", "100"]
+    args += ["--dtype", "float32", "--smoothing", "0.1", "--ignore-fraction", "0", "--weighted", "off"]
     args += ["--out", str(out), "--min-time", "0.001", "--no-progress"]
     assert cli_main(args) == 0
     rows = read_rows(out / "cpu")
-    assert len(rows) == 4 * (1 + 3 * 3) and all(r["status"] == "ok" for r in rows)
-    for chart in CHARTS:
-        png = out / "cpu" / f"{chart}_float32.png"
-        assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert all(r["status"] == "ok" for r in rows)
+    assert {(r["dtype"], r["smoothing"], r["ignore_fraction"], r["weighted"]) for r in rows} == {PLAIN}
+    assert len(rows) == 4 * (2 + 3 * 3)  # sizes x (the two floors + implementations x passes)
+    for chart in CHARTS:  # a chart per dtype and case variant (smoothing, padding, weights)
+        pngs = list((out / "cpu").glob(f"{chart}_float32*.png"))
+        assert pngs and all(p.stat().st_size > 10_000 and p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
     summary = (out / "README.md").read_text()
-    assert "| 64 | 100 | sparse |" in summary and "![speedup float32](cpu/speedup_float32.png)" in summary
+    assert "| 64 | 100 | sparse |" in summary and "![speedup float32" in summary
+    assert "(cpu/speedup_float32" in summary
     assert "x floor" in capsys.readouterr().out
 
     shutil.copytree(out / "cpu", tmp_path / "other")
@@ -258,7 +264,7 @@ def test_pytest_benchmark_json_is_read_by_plot(tmp_path):
             "no:cacheprovider",
             str(root / "benchmarks" / "pytest_suite"),
             "-k",
-            "native and N512-C1000 or floor and N512-C1000",
+            "N512-C1000 and (native or floor) and not compiled",  # compiling is not what this tests
             "--benchmark-min-time=0.0005",
             "--benchmark-max-time=0.01",
             f"--benchmark-json={json_path}",

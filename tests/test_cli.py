@@ -13,9 +13,12 @@ import pytest
 
 import lsr
 from lsr.bench import cli, plot, runner, style
+from lsr.bench import grid as grids
 from lsr.bench.grid import PRESETS, Grid
 from lsr.bench.results import (
     FLOOR,
+    FLOOR_ALLOC,
+    FLOORS,
     METADATA_FILE,
     RESULTS_FILE,
     Case,
@@ -26,6 +29,8 @@ from lsr.bench.results import (
 )
 
 TINY = ["--impl", "native", "--batch", "4", "--classes", "3", "--min-time", "0.001", "--no-plot"]
+# ... and one variant, which makes the preset's grids one: a case per pass and the two floors
+TINY += ["--dtype", "float32", "--smoothing", "0.1", "--ignore-fraction", "0", "--weighted", "off"]
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -41,14 +46,13 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 def fake_run(folder: Path, medians: dict[tuple[int, int], float], device: str = "cpu", busy=()) -> Path:
-    """A results folder with floor and native forward+backward rows at each (N, C), native's median
-    given; those at the sizes in `busy` timed on a busy machine."""
+    """A results folder with the floors' and native's forward+backward rows at each (N, C), native's
+    median given; those at the sizes in `busy` timed on a busy machine."""
     rows = []
     for (n, c), median in medians.items():
-        for name in (FLOOR, "native"):
-            kind = FLOOR if name == FLOOR else lsr.get(name).smoothing_kind
+        for name, scale in ((FLOOR, 0.5), (FLOOR_ALLOC, 0.6), ("native", 1.0)):
+            kind = FLOOR if name in FLOORS else lsr.get(name).smoothing_kind
             row = new_row(Case(name, device, "float32", n, c, 0.1, "forward+backward"), kind)
-            scale = 0.5 if name == FLOOR else 1.0
             timing = {"median_s": median * scale, "iqr_s": 1e-6, "runs": 7, "threads": 1}
             rows.append(row | timing | {"busy": (n, c) in busy})
     write_rows(folder / RESULTS_FILE, rows)
@@ -76,6 +80,8 @@ BAD = [
     *("--smoothing 1.5", "--smoothing -0.1", "--smoothing nan"),
     *("--logit-std 0", "--logit-std inf", "--logit-std nan", "--min-time 0", "--min-time -1"),
     *("--impl sparse --classes 1", "--out {file}", "--out {file}/cpu"),
+    *("--ignore-fraction 1", "--ignore-fraction -0.1", "--ignore-fraction nan", "--weighted maybe"),
+    "--impl sparse --weighted on",
 ]
 
 
@@ -87,8 +93,10 @@ def test_bad_arguments_are_refused_in_one_line_before_measuring(bad, tmp_path, c
     code, _, err = run_cli(argv + bad.format(file=tmp_path / "file").split(), capsys)
     assert code == 2
     assert err.startswith("lsr-bench: ") and err.count("\n") == 1, err
-    if "sparse" in bad:
+    if "sparse --classes" in bad:
         assert "sparse needs at least 2 classes" in err
+    if "sparse --weighted" in bad:
+        assert "sparse takes no class weights: nothing to measure" in err
 
 
 def test_the_default_list_leaves_out_what_cannot_take_the_classes(tmp_path, capsys, sweeps):
@@ -113,9 +121,9 @@ def test_ctrl_c_says_how_far_it_got_and_exits_130(tmp_path, capsys, monkeypatch)
     argv = ["run", *TINY, "--batch", "4", "8", "--pass", "forward+backward", "--out", str(tmp_path)]
     code, _, err = run_cli([*argv, "--no-progress"], capsys)
     assert code == 130
-    # floor and native at N=4, then the floor at N=8; native at N=8 was interrupted
+    # the two floors and native at N=4, then the floors at N=8; native at N=8 was interrupted
     assert err.splitlines()[-1] == (
-        "lsr-bench: interrupted after 3 of 4 cases; rerun with --resume to continue"
+        "lsr-bench: interrupted after 5 of 6 cases; rerun with --resume to continue"
     )
 
 
@@ -206,6 +214,8 @@ def test_metadata_records_the_grid_run_and_a_preset_only_when_unchanged(tmp_path
         "classes": [3],
         "smoothings": [0.1],
         "passes": ["forward"],
+        "ignore_fractions": [0.0],
+        "weighted": [False],
     }
 
     monkeypatch.setitem(PRESETS["quick"], "cpu", Grid(["native"], ["cpu"], ["float32"], [4], [3]))
@@ -220,10 +230,10 @@ def test_compare_takes_results_roots(tmp_path, capsys):
     fake_run(tmp_path / "old" / "mps", {(4, 3): 1e-3}, device="mps")
     fake_run(tmp_path / "new" / "cpu", {(4, 3): 3e-3})
     code, out, err = run_cli(["compare", str(tmp_path / "old"), str(tmp_path / "new")], capsys)
-    assert code == 0 and "2 cases compared, 2 changed" in out
+    assert code == 0 and "3 cases compared, 3 changed" in out
     assert "mps is in only one of the two" in err
     code, out, _ = run_cli(["compare", str(tmp_path / "old"), str(tmp_path / "new" / "cpu")], capsys)
-    assert code == 0 and "2 cases compared" in out
+    assert code == 0 and "3 cases compared" in out
     code, _, err = run_cli(["compare", str(tmp_path / "old"), str(tmp_path / "nothing")], capsys)
     assert code == 2 and err.startswith("lsr-bench: no results file")
 
@@ -232,9 +242,9 @@ def test_compare_can_leave_out_busy_rows(tmp_path, capsys):
     old = fake_run(tmp_path / "old", {(4, 3): 1e-3, (8, 3): 1e-3})
     new = fake_run(tmp_path / "new", {(4, 3): 1e-3, (8, 3): 1e-3}, busy={(8, 3)})
     code, out, _ = run_cli(["compare", str(old), str(new)], capsys)
-    assert code == 0 and "4 cases compared" in out and "2 were timed on a busy machine" in out
+    assert code == 0 and "6 cases compared" in out and "3 were timed on a busy machine" in out
     code, out, _ = run_cli(["compare", str(old), str(new), "--ignore-busy"], capsys)
-    assert code == 0 and "2 cases compared" in out
+    assert code == 0 and "3 cases compared" in out
 
 
 def warn_then_native(input, target, *args, **kwargs):
@@ -256,6 +266,38 @@ def test_warnings_come_after_the_progress_bar_once(tmp_path, capsys, monkeypatch
     assert err.index(held[0]) > err.rindex("100%")  # after the bar's last state, on its own line
 
 
+def test_ignore_fractions_and_weights_reach_the_grid(tmp_path, capsys, sweeps):
+    argv = ["run", *TINY, "--ignore-fraction", "0", "0.3", "--weighted", "off", "on", "--out", str(tmp_path)]
+    assert run_cli(argv, capsys)[0] == 0
+    native = {(c.ignore_fraction, c.weighted) for c in sweeps[0]["cases"] if c.implementation == "native"}
+    assert native == {(0.0, False), (0.0, True), (0.3, False), (0.3, True)}
+    recorded = sweeps[0]["grid"]  # one grid's fields, or a list of them: TINY leaves two passes lists
+    for grid in recorded if isinstance(recorded, list) else [recorded]:
+        assert grid["ignore_fractions"] == [0.0, 0.3] and grid["weighted"] == [False, True]
+
+    # without the options, each of the preset's grids keeps its own
+    argv = ["run", "--impl", "native", "--batch", "4", "--classes", "3", "--out", str(tmp_path / "preset")]
+    assert run_cli([*argv, "--no-plot"], capsys)[0] == 0
+    preset = {(c.ignore_fraction, c.weighted) for c in sweeps[1]["cases"] if c.implementation == "native"}
+    expected = {
+        (f, w)
+        for grid in grids.preset_grids("quick", "cpu")
+        for f in grid.ignore_fractions
+        for w in grid.weighted
+    }
+    assert preset == expected and len(expected) > 1
+
+
+def test_run_prints_both_floors_bandwidth_and_the_ship_table(tmp_path, capsys):
+    argv = ["run", *TINY, "--impl", "native", "fused-exact", "--pass", "forward+backward", "--no-progress"]
+    code, out, _ = run_cli([*argv, "--out", str(tmp_path)], capsys)
+    assert code == 0
+    table, ship = out.split("Which one to ship")
+    assert [line.split()[0] for line in table.splitlines()[3:5]] == [FLOOR, FLOOR_ALLOC]
+    assert "GB/s" in table.splitlines()[1] and "% copy" in table.splitlines()[1]
+    assert "exact smoothing, out-of-place" in ship and "vs native" in ship
+
+
 def test_run_passes_the_runner_options(tmp_path, capsys, sweeps):
     argv = ["run", *TINY, "--isolate", "size", "--resume-mixed", "--out", str(tmp_path)]
     assert run_cli(argv, capsys)[0] == 0
@@ -270,4 +312,4 @@ def test_rows_measured_on_a_busy_machine_are_reported(tmp_path, capsys, monkeypa
     monkeypatch.setattr(cli, "run_sweep", two_busy)
     code, _, err = run_cli(["run", *TINY, "--no-progress", "--out", str(tmp_path)], capsys)
     assert code == 0
-    assert "lsr-bench: warning: 2 of 4 rows were measured while other processes loaded" in err
+    assert "lsr-bench: warning: 2 of 5 rows were measured while other processes loaded" in err

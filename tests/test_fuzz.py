@@ -15,6 +15,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import lsr
+from conftest import cpu_implementations
 from helpers import TOLERANCE
 from lsr.fused import cpu_options
 
@@ -105,7 +106,7 @@ def test_exact_implementations_match_cross_entropy(problem):
         )
 
     with cpu_options("eager", eager_block_elements=8):
-        for impl in lsr.available("cpu"):
+        for impl in cpu_implementations():
             if impl.smoothing_kind == "exact":
                 assert_agree(impl, problem, cross_entropy, weight=problem.weight)
 
@@ -115,7 +116,7 @@ def test_exact_implementations_match_cross_entropy(problem):
 def test_sparse_implementations_match_equation_15(problem):
     confident = bool((target_probabilities(problem) > 0.99).any())
     with cpu_options("eager", eager_block_elements=8):
-        for impl in lsr.available("cpu"):
+        for impl in cpu_implementations():
             if impl.smoothing_kind != "sparse":
                 continue
             if impl.name == "sparse" and confident and problem.logits.dtype != torch.float64:

@@ -5,6 +5,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import lsr
+from conftest import cpu_implementations
 
 
 @st.composite
@@ -28,7 +29,7 @@ def problems(draw):
     problem=problems(),
     smoothing=st.floats(0.0, 1.0),
     reduction=st.sampled_from(["mean", "sum", "none"]),
-    name=st.sampled_from([impl.name for impl in lsr.available("cpu")]),
+    name=st.sampled_from([impl.name for impl in cpu_implementations()]),
     dtype=st.sampled_from([torch.float32, torch.float64]),
 )
 def test_loss_and_gradient_match_definition(problem, smoothing, reduction, name, dtype):

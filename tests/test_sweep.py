@@ -235,6 +235,9 @@ def test_schema_version_is_recorded_and_older_files_still_read(tmp_path):
     committed = read_rows(ROOT / "results" / "cpu" / "results.csv")
     assert committed and all(r["schema_version"] == 1 for r in committed)
     assert all(r["min_time"] is None and r["busy"] is None for r in committed)
+    assert all(r["ignore_fraction"] == 0.0 and r["weighted"] is False for r in committed)  # since 3
+    assert all(r["first_call_s"] is None and r["bandwidth_fraction"] is None for r in committed)
+    assert {Case.of_row(r).key() for r in committed} == {results.case_key(r) for r in committed}
 
     rows = run_sweep(SMALL[:1], tmp_path, grid={"batches": [4]}, **FAST)
     header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
@@ -250,6 +253,26 @@ def test_schema_version_is_recorded_and_older_files_still_read(tmp_path):
         read_rows(tmp_path)
 
 
+def test_schema_2_files_read_the_case_axes_of_schema_3_as_their_defaults_and_resume(tmp_path):
+    rows = run_sweep(SMALL[:2], tmp_path, **FAST)
+    since_3 = ("ignore_fraction", "weighted", "first_call_s", "bandwidth_bytes_per_s", "bandwidth_fraction")
+    assert all(column in results.ADDED_LATER for column in since_3)
+    columns = [c for c in results.COLUMNS if c not in since_3]
+    lines = [",".join(columns)] + [
+        ",".join("2" if c == "schema_version" else "" if r[c] is None else str(r[c]) for c in columns)
+        for r in rows
+    ]
+    (tmp_path / "results.csv").write_text("\n".join(lines) + "\n")
+    old = read_rows(tmp_path)
+    assert [r["schema_version"] for r in old] == [2, 2]
+    assert all(
+        r["ignore_fraction"] == 0.0 and r["weighted"] is False and r["first_call_s"] is None for r in old
+    )
+    assert (
+        run_sweep(SMALL[:2], tmp_path, resume=True, **FAST) == old
+    )  # the same cases: nothing measured again
+
+
 def test_every_status_and_column_is_documented():
     assert set(STATUSES) == {
         "ok",
@@ -263,6 +286,8 @@ def test_every_status_and_column_is_documented():
     }
     for status in STATUSES:
         assert f"| {status} |" in results.__doc__
+    for floor in results.FLOORS:
+        assert f"| {floor} |" in results.__doc__
     for column in results.COLUMNS:
         assert (
             f"| {column} |" in results.__doc__

@@ -3,6 +3,7 @@
 from lsr.dense import LSRLoss, dense_label_smoothing
 from lsr.fused import FusedLSRLoss, FusedSparseLSRLoss, fused_label_smoothing, fused_sparse_label_smoothing
 from lsr.native import native_label_smoothing
+from lsr.peers import liger_label_smoothing, native_compiled_label_smoothing
 from lsr.reference import exact_reference, sparse_reference
 from lsr.registry import REGISTRY, Implementation, available, get, register
 from lsr.sparse import SparseLSRLoss, seed_snippet_sparse_lsr, sparse_label_smoothing
@@ -22,6 +23,8 @@ __all__ = [
     "fused_label_smoothing",
     "fused_sparse_label_smoothing",
     "get",
+    "liger_label_smoothing",
+    "native_compiled_label_smoothing",
     "native_label_smoothing",
     "register",
     "seed_snippet_sparse_lsr",

@@ -34,12 +34,21 @@ class Implementation:
     # Writes the gradient into the logits' storage: benchmarks give it its own copy of the logits
     # and skip the backward-only pass (running backward twice on one graph is what it forbids).
     inplace_backward: bool = False
+    # Can run backward more than once through one graph (retain_graph=True): the benchmark's
+    # backward-only pass needs it. In-place losses cannot; neither can a torch.compile'd graph,
+    # whose donated buffers are freed by the first backward.
+    repeatable_backward: bool = True
     dtypes: tuple[str, ...] = tuple(DTYPES)  # logits dtypes it takes
     reductions: tuple[Reduction, ...] = REDUCTIONS
     supports_ignore_index: bool = True
     # Where its arithmetic knowingly differs from PyTorch's in a case it does take (said, not hidden
     # by a wider tolerance); shown by the README and the CLI.
     notes: str = ""
+
+    @property
+    def can_repeat_backward(self) -> bool:
+        """Whether backward may run twice through one graph (the benchmark's backward-only pass)."""
+        return self.repeatable_backward and not self.inplace_backward
 
     @property
     def reference(self) -> LossFn:
@@ -181,3 +190,10 @@ register(
         inplace_backward=True,
     )
 )
+
+# --- peers (lsr.peers): other projects' losses, registered whether installed or not -----------------
+
+from lsr import peers  # noqa: E402 - needs Implementation above
+
+for _peer in peers.implementations():
+    register(_peer)

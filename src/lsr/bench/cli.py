@@ -8,134 +8,53 @@ disk for `--resume`.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
-from typing import NoReturn
 
 import torch
 
 import lsr
 from lsr.bench import grid as grids
+from lsr.bench.arguments import (
+    AT_LEAST_ONE,
+    EXIT_USAGE,
+    FORMAT,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    PROBABILITY,
+    SWITCH,
+    Parser,
+    Plan,
+    UsageError,
+    check_writable,
+    plans,
+)
 from lsr.bench.compare import compare, format_comparison
-from lsr.bench.plot import chart_folders, plot_run, plot_side_by_side, shared_shapes
+from lsr.bench.plot import chart_folders, plot_run
 from lsr.bench.report import format_run_table, write_summary
 from lsr.bench.results import PASSES, RESULTS_FILE, Case, SchemaError, case_key, load, read_rows
 from lsr.bench.runner import BusyMachineWarning, SweepInterrupted, SweepLocked, busy_rows, run_sweep
+from lsr.bench.ship import format_ship_report
+from lsr.bench.side_by_side import plot_side_by_side, shared_shapes
 from lsr.types import DEVICES, DTYPES
 
-EXIT_USAGE = 2
 EXIT_LOCKED = 75  # EX_TEMPFAIL: another process is writing the results; try again later
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
 
 
-class UsageError(Exception):
-    """Arguments that cannot be run: one line on stderr, exit status 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with refusals on one line, like the CLI's own, instead of the usage block."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"lsr-bench: {message} (see {self.prog} --help)\n")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: X)" to help that does not state its default already."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text:
-            return text
-        return f"{text} (default: off)" if action.default is False else super()._get_help_string(action)
-
-
-FORMAT = {"formatter_class": HelpFormatter}
-
-
-def _checked(kind: type, ok: Callable[[float], bool], rule: str) -> Callable[[str], float]:
-    """An argparse type: `kind(text)`, refused with `rule` unless ok(value)."""
-
-    def convert(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {kind.__name__}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"{rule}, got {text}")
-        return value
-
-    return convert
-
-
-AT_LEAST_ONE = _checked(int, lambda v: v >= 1, "must be at least 1")
-PROBABILITY = _checked(float, lambda v: 0 <= v <= 1, "must be in [0, 1]")  # NaN fails both
-POSITIVE = _checked(float, lambda v: math.isfinite(v) and v > 0, "must be finite and above 0")
-NON_NEGATIVE = _checked(float, lambda v: math.isfinite(v) and v >= 0, "must be finite and at least 0")
-
-
-def _check_writable(directory: Path, what: str) -> None:
-    """Refuse now, not after a sweep, a directory that cannot be made or written into."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as e:
-        raise UsageError(f"{what} {directory}: cannot write there ({e.strerror or e})") from None
-
-
-def _check_named(names: list[str], device: str, classes: list[int]) -> None:
-    """Named implementations must run on the device and take every class count asked for (the
-    default list instead leaves them out where they cannot, as the grid does)."""
-    cannot = [name for name in names if not lsr.get(name).runs_on(device)]
-    if cannot:
-        raise UsageError(f"{', '.join(cannot)} cannot run on {device} here (see lsr.REGISTRY)")
-    for name in names:
-        need = lsr.get(name).min_classes
-        if min(classes) < need:
-            raise UsageError(f"{name} needs at least {need} classes, got --classes {min(classes)}")
-
-
-def _grids_from_args(args) -> list[tuple[grids.Grid, str | None]]:
-    """The grid per device, each with the preset's name when it is the preset unchanged, else None."""
-    devices = args.device or grids.present_devices()
-    missing = [d for d in devices if d not in grids.present_devices()]
-    if missing:
-        raise UsageError(f"device {', '.join(missing)} is not present on this machine")
-    chosen = []
-    for base in grids.preset(args.preset, devices):
-        device = base.devices[0]
-        base = replace(base, implementations=[n for n in base.implementations if lsr.get(n).runs_on(device)])
-        grid = grids.Grid(
-            implementations=args.impl or base.implementations,
-            devices=base.devices,
-            dtypes=args.dtype or base.dtypes,
-            batches=args.batch or base.batches,
-            classes=args.classes or base.classes,
-            smoothings=args.smoothing or base.smoothings,
-            passes=args.pass_ or base.passes,
-        )
-        _check_named(args.impl or [], device, list(grid.classes))
-        if not any(not case.is_floor for case in grid.cases()):
-            raise UsageError(f"no implementation has a case on {device} with these options")
-        chosen.append((grid, args.preset if grid.as_dict() == base.as_dict() else None))
-    return chosen
-
-
-def _sweep_options(args, grid: grids.Grid, preset: str | None) -> dict:
-    """run_sweep's keyword arguments for one device's grid."""
+def _sweep_options(args, plan: Plan) -> dict:
+    """run_sweep's keyword arguments for one device's plan."""
     return dict(
         resume=args.resume or args.resume_mixed,
         resume_mixed=args.resume_mixed,
         isolate=args.isolate,
-        grid=grid.as_dict(),
-        preset=preset,
+        grid=plan.grid_record(),
+        preset=plan.preset,
         logit_std=args.logit_std,
         min_time=args.min_time,
         progress=not args.no_progress,
@@ -191,27 +110,30 @@ def _warn_busy(rows: list[dict]) -> None:
 
 def cmd_run(args) -> int:
     args.out = Path(args.out or ("results" if args.preset == "full" else "results/quick"))
-    planned = [(grid, preset, list(grid.cases())) for grid, preset in _grids_from_args(args)]
-    for grid, _, _ in planned:
-        _check_writable(args.out / grid.devices[0], "--out")
+    planned = plans(args)
+    for plan in planned:
+        check_writable(args.out / plan.device, "--out")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    total, done_before, all_rows = sum(len(cases) for *_, cases in planned), 0, []
-    for grid, preset, cases in planned:
-        out_dir = args.out / grid.devices[0]
-        print(f"lsr-bench: {len(cases)} cases on {grid.devices[0]} -> {out_dir}/", file=sys.stderr)
+    total, done_before, all_rows = sum(len(plan.cases) for plan in planned), 0, []
+    for plan in planned:
+        out_dir = args.out / plan.device
+        print(f"lsr-bench: {len(plan.cases)} cases on {plan.device} -> {out_dir}/", file=sys.stderr)
         try:
             with _warnings_after():
-                rows = run_sweep(cases, out_dir, **_sweep_options(args, grid, preset))
+                rows = run_sweep(plan.cases, out_dir, **_sweep_options(args, plan))
         except KeyboardInterrupt as e:  # SweepInterrupted too
-            return _interrupted(e, done_before, total, out_dir, cases)
-        done_before += len(cases)
+            return _interrupted(e, done_before, total, out_dir, plan.cases)
+        done_before += len(plan.cases)
         all_rows += rows
         if not args.no_plot:
             plot_run(*load(out_dir), out_dir)
     if not args.no_plot:
         print(f"lsr-bench: summary in {write_summary(args.out)}", file=sys.stderr)
     print("\n" + format_run_table(all_rows))
+    ship = format_ship_report(all_rows)
+    if ship:
+        print("\n" + ship)
     _warn_busy(all_rows)
     return 0
 
@@ -226,7 +148,7 @@ def cmd_plot(args) -> int:
     folders = chart_folders(inputs, out)
     side = (out or Path(".")) if len(sources) > 1 else None
     for folder in [*folders, *([side] if side else [])]:
-        _check_writable(folder, "--out" if out else "chart folder")
+        check_writable(folder, "--out" if out else "chart folder")
     for (_, rows, metadata), folder in zip(sources, folders, strict=True):
         print("\n".join(str(p) for p in plot_run(rows, metadata, folder)))
     if side:
@@ -282,7 +204,12 @@ def _run_parser(sub) -> None:
     run = sub.add_parser(
         "run", help="measure a sweep (default: the quick preset on every present device)", **FORMAT
     )
-    run.add_argument("--preset", choices=list(grids.PRESETS), default="quick", help="the grid to start from")
+    run.add_argument(
+        "--preset",
+        choices=list(grids.PRESETS),
+        default="quick",
+        help="the grids to start from, a few per device; each option below replaces its axis in every one",
+    )
     run.add_argument(
         "--impl", nargs="+", choices=list(lsr.REGISTRY), help="implementations (default: all that run)"
     )
@@ -293,6 +220,16 @@ def _run_parser(sub) -> None:
     run.add_argument("--classes", nargs="+", type=AT_LEAST_ONE, help=f"class counts C, each >= 1 {axes}")
     run.add_argument("--smoothing", nargs="+", type=PROBABILITY, help=f"label smoothing in [0, 1] {axes}")
     run.add_argument("--pass", dest="pass_", nargs="+", choices=PASSES, help=f"passes timed {axes}")
+    run.add_argument(
+        "--ignore-fraction",
+        nargs="+",
+        type=FRACTION,
+        metavar="F",
+        help=f"fractions of the targets set to ignore_index (padding), each in [0, 1) {axes}",
+    )
+    run.add_argument(
+        "--weighted", nargs="+", choices=list(SWITCH), help=f"class weights off and/or on {axes}"
+    )
     run.add_argument(
         "--out",
         help="results root; each device writes to OUT/<device>/ (default: results/ for full, results/quick/ otherwise)",

@@ -3,7 +3,10 @@
 Used by the sweep runner (metadata.json), the pytest-benchmark hook (machine_info) and `lsr-train`.
 Memory, CPU counts and load come from psutil; the CPU model and its vector ISA from /proc/cpuinfo
 where there is one (psutil does not report them), because hosts of one kind differ by the ISA
-(AVX-512 or AVX2 only), and a ratio measured on one is not comparable with the other's.
+(AVX-512 or AVX2 only), and a ratio measured on one is not comparable with the other's. The facts
+that decide a CPU's ratios besides: its cache sizes (`cache_bytes`: whether a row of logits, or a
+block of rows, stays in L2) and the copy bandwidth of each device (`copy_bandwidth`: what a
+forward+backward that reads the logits once and writes the gradient once could reach).
 
 Also the machine's state while a sweep runs: the memory a case may use (`available_bytes`) and the
 CPU time other processes take while a case is timed (`OtherLoad`).
@@ -15,6 +18,7 @@ import datetime
 import functools
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -24,6 +28,7 @@ import psutil
 import torch
 
 import lsr
+from lsr.bench.measure import synchronize, time_pass
 
 # Widest first: the first one a CPU has names its vector ISA.
 VECTOR_ISAS = ("avx512f", "avx2", "avx", "sse4_2", "asimd", "neon")
@@ -53,6 +58,107 @@ def vector_isa() -> str:
     """The widest vector instruction set the CPU reports, e.g. "avx512f" or "avx2" ("unknown" if none)."""
     flags = set((_cpuinfo().get("flags") or _cpuinfo().get("Features") or "").split())
     return next((isa for isa in VECTOR_ISAS if isa in flags), "unknown")
+
+
+CACHE_LEVELS = ("L1d", "L2", "L3")
+SYSFS_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def _size_bytes(text: str) -> int | None:
+    """Bytes of a cache size as sysfs or lscpu write it: "32K", "32768K", "1M", "32 KiB", "524288"."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMG]?)(?:i?B)?\s*", text, flags=re.IGNORECASE)
+    return int(match[1]) * _UNITS[match[2].upper()] if match else None
+
+
+def _sysfs_caches(root: Path) -> dict[str, int | None]:
+    """From root/index*/{level,type,size} (Linux sysfs, one CPU's view of its caches)."""
+    found: dict[str, int | None] = {}
+    for index in sorted(root.glob("index*")):
+        try:
+            level, kind, size = ((index / name).read_text().strip() for name in ("level", "type", "size"))
+        except OSError:
+            continue
+        if kind != "Instruction":
+            found.setdefault("L1d" if level == "1" else f"L{level}", _size_bytes(size))
+    return found
+
+
+def _lscpu_caches() -> dict[str, int | None]:
+    """From `lscpu -B -C=NAME,ONE-SIZE` (util-linux 2.34 on): one instance's size per cache."""
+    try:
+        out = subprocess.run(
+            ["lscpu", "-B", "-C=NAME,ONE-SIZE"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    pairs = (line.split() for line in out.splitlines()[1:])
+    return {fields[0]: _size_bytes(fields[1]) for fields in pairs if len(fields) == 2}
+
+
+def _sysctl_caches() -> dict[str, int | None]:
+    """From sysctl hw.l1dcachesize, hw.l2cachesize, hw.l3cachesize (macOS, the BSDs)."""
+    found: dict[str, int | None] = {}
+    for name, key in zip(CACHE_LEVELS, ("hw.l1dcachesize", "hw.l2cachesize", "hw.l3cachesize"), strict=True):
+        try:
+            out = subprocess.run(
+                ["sysctl", "-n", key], capture_output=True, text=True, timeout=10, check=True
+            )
+        except (OSError, subprocess.SubprocessError):
+            continue
+        found[name] = _size_bytes(out.stdout)
+    return found
+
+
+def cache_bytes(root: Path = SYSFS_CACHES) -> dict[str, int | None]:
+    """The CPU's L1 data, L2 and L3 cache sizes in bytes, as one core sees them (an L3 shared by a
+    group of cores counts whole): sysfs under `root` on Linux, else lscpu, else sysctl; None for a
+    level the machine has not, or does not say."""
+    for source in (lambda: _sysfs_caches(root), _lscpu_caches, _sysctl_caches):
+        found = source()
+        if any(found.get(level) for level in CACHE_LEVELS):
+            return {level: found.get(level) or None for level in CACHE_LEVELS}
+    return dict.fromkeys(CACHE_LEVELS)
+
+
+COPY_BYTES = 256 * 2**20  # each of source and destination: far beyond any cache
+
+
+def copy_bandwidth(device: str, nbytes: int = COPY_BYTES) -> float:
+    """Bytes per second `dst.copy_(src)` moves on `device` (read and write both counted) at torch's
+    current thread count, timed as a case is (`time_pass`), its fastest sample: the speed a pass that
+    reads the logits once and writes a gradient once could reach. Tensors of `nbytes` each, or what
+    fits in a quarter of the memory available; measured once per process, device and thread count
+    (the CLI's run is one process).
+    """
+    return _copy_bandwidth(torch.device(device).type, torch.get_num_threads(), nbytes)
+
+
+@functools.cache
+def _copy_bandwidth(device: str, threads: int, nbytes: int) -> float:
+    available = available_bytes(device)
+    nbytes = nbytes if available is None else max(2**20, min(nbytes, available // 4))
+    src = torch.ones(nbytes // 4, device=device)  # written: its pages are touched
+    dst = torch.empty_like(src)
+    target = torch.device(device)
+
+    def copy() -> None:
+        dst.copy_(src)
+        synchronize(target)
+
+    timing = time_pass(copy, min_time=0.2, min_samples=5)
+    return 2 * src.numel() * src.element_size() / min(timing.samples)  # load only ever slows a copy
+
+
+def copy_bandwidths(devices) -> dict[str, float | None]:
+    """`copy_bandwidth` of each device type named (None for one that is not here or fails)."""
+    measured: dict[str, float | None] = {}
+    for device in devices:
+        try:
+            measured[device] = copy_bandwidth(device)
+        except (RuntimeError, AssertionError, MemoryError):  # absent, or out of memory
+            measured[device] = None
+    return measured
 
 
 def device_name(device: str) -> str:
@@ -87,13 +193,19 @@ def _triton_version() -> str | None:
 
 
 def environment(device: str = "cpu", **extra) -> dict:
-    """What a reader needs to judge a number: hardware, load, software, commit, date; plus `extra`."""
+    """What a reader needs to judge a number: hardware, load, software, commit, date; plus `extra`.
+
+    `device` names a device type, or several joined by commas; copy_bandwidth_bytes_per_s has a
+    value for each (bytes per second, read and write counted).
+    """
     load = psutil.getloadavg()[0] if hasattr(psutil, "getloadavg") else None
     return {
         "device": device,
         "device_name": device_name(device),
         "cpu_model": cpu_model(),
         "vector_isa": vector_isa(),
+        "cache_bytes": cache_bytes(),
+        "copy_bandwidth_bytes_per_s": copy_bandwidths(device.split(",")),
         "cpu_count": psutil.cpu_count(logical=True),
         "physical_cores": psutil.cpu_count(logical=False),
         "memory_bytes": psutil.virtual_memory().total,

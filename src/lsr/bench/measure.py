@@ -1,11 +1,12 @@
-"""Measuring one case: inputs, the timed pass, time, peak memory and the correctness gate.
+"""Measuring one case: inputs, the timed pass, time, peak memory (the correctness gate: `lsr.bench.gate`).
 
 How: device work is asynchronous, so every timed call synchronises the device before the clock is
-read; warm-up runs come first (allocator, lazy initialisation, compilation); the number of runs is
-chosen by time, not fixed; the raw samples are kept, and the median and interquartile range are
-reported with the run and thread counts, with a warning when the spread is wide. Peak memory is the peak of bytes allocated above what
-existed before the pass: `torch.cuda.max_memory_allocated` on CUDA, and on CPU its exact twin, a
-running sum over the profiler's allocation and free events in time order.
+read; warm-up runs come first (allocator, lazy initialisation, compilation), the first one's duration
+kept apart (`first_call_s`); the number of runs is chosen by time, not fixed; the raw samples are
+kept, and the median and interquartile range are reported with the run and thread counts, with a
+warning when the spread is wide. Peak memory is the peak of bytes allocated above what existed
+before the pass: `torch.cuda.max_memory_allocated` on CUDA, and on CPU its exact twin, a running sum
+over the profiler's allocation and free events in time order.
 """
 
 from __future__ import annotations
@@ -21,8 +22,14 @@ from dataclasses import dataclass
 import torch
 
 import lsr
+
+# The gate lives in lsr.bench.gate; re-exported here for the runner and the suites that call it here.
+from lsr.bench.gate import GATE_ROWS as GATE_ROWS
+from lsr.bench.gate import GATE_TOLERANCE as GATE_TOLERANCE
+from lsr.bench.gate import GateFailure as GateFailure
+from lsr.bench.gate import check_against_reference as check_against_reference
 from lsr.bench.grid import present_devices
-from lsr.bench.results import Case
+from lsr.bench.results import FLOOR, FLOOR_ALLOC, IGNORE_INDEX, Case
 from lsr.registry import Implementation
 from lsr.types import DTYPES, LossFn
 
@@ -36,10 +43,17 @@ def synchronize(device: torch.device) -> None:
 
 @dataclass
 class Problem:
-    """Random logits (normal, never zeros) and targets for one size, made once and reused by its cases."""
+    """Random logits (normal, never zeros), targets and class weights for one size, ignore fraction and
+    weighting, made once and reused by its cases.
+
+    A fraction `case.ignore_fraction` of the targets (rounded; never all), rows chosen at random, is
+    IGNORE_INDEX; with `case.weighted`, the class weights are uniform in [0.5, 1.5) (float32 on the
+    device). The logits and the other targets are those of the same size without either, for one seed.
+    """
 
     logits: torch.Tensor  # (batch, classes), requires_grad
     target: torch.Tensor
+    weight: torch.Tensor | None = None  # (classes,), when weighted
 
     @classmethod
     def make(cls, case: Case, logit_std: float = 2.0, seed: int = 0) -> Problem:
@@ -47,8 +61,19 @@ class Problem:
         gen = torch.Generator(device="cpu").manual_seed(seed)
         logits = torch.randn(case.batch, case.classes, generator=gen) * logit_std
         target = torch.randint(0, case.classes, (case.batch,), generator=gen)
+        # One row is always left, for the mean to average.
+        n_ignored = min(round(case.ignore_fraction * case.batch), case.batch - 1)
+        ignored = torch.randperm(case.batch, generator=gen)[:n_ignored]
+        target[ignored] = IGNORE_INDEX
+        weight = torch.rand(case.classes, generator=gen) + 0.5 if case.weighted else None
         logits = logits.to(device=device, dtype=DTYPES[case.dtype]).requires_grad_(True)
-        return cls(logits, target.to(device))
+        return cls(logits, target.to(device), None if weight is None else weight.to(device))
+
+    @property
+    def options(self) -> dict:
+        """The loss's keyword arguments besides the logits, targets, smoothing and reduction."""
+        weight = {} if self.weight is None else {"weight": self.weight}
+        return {"ignore_index": IGNORE_INDEX, **weight}
 
     def copy(self) -> Problem:
         """Logits of its own, for an implementation that overwrites them with the gradient.
@@ -57,16 +82,17 @@ class Problem:
         loss refuses leaf logits, which would become their own gradient.
         """
         leaf = self.logits.detach().clone().requires_grad_(True)
-        return Problem(leaf.clone(), self.target)
+        return Problem(leaf.clone(), self.target, self.weight)
 
 
 class Pass:
-    """The callable a case times: forward, backward or both, for an implementation or the floor.
+    """The callable a case times: forward, backward or both, for an implementation or a floor.
 
     forward: the loss with autograd recording, as in training (saved tensors count in its memory).
     backward: `torch.autograd.grad` of a graph built beforehand (kept between runs, not timed).
     The gradient is returned, never accumulated into `.grad`, so repeated runs do the same work.
-    `impl` is None for the floor; `loss_fn` replaces the implementation's function (tests plant
+    `impl` is None for a floor: FLOOR writes exp(z) into a buffer kept across calls, FLOOR_ALLOC
+    into a new tensor each call. `loss_fn` replaces the implementation's function (tests plant
     wrong or failing ones with it).
     """
 
@@ -78,22 +104,30 @@ class Pass:
         self.case, self.problem = case, problem
         self.device = problem.logits.device
         if impl is None:
-            self.buffer = torch.empty_like(problem.logits, requires_grad=False)
-            self.run = self._floor
+            if case.implementation == FLOOR:
+                self.buffer = torch.empty_like(problem.logits, requires_grad=False)
+            self._step = {FLOOR: Pass._floor, FLOOR_ALLOC: Pass._floor_alloc}[case.implementation]
             return
         self.loss_fn = loss_fn or impl.loss
-        self.run = {"forward": self._forward, "backward": self._backward, "forward+backward": self._both}[
+        # Functions, not bound methods: a Pass holding its own method would be a reference cycle,
+        # its tensors freed only by the garbage collector.
+        self._step = {"forward": Pass._forward, "backward": Pass._backward, "forward+backward": Pass._both}[
             case.pass_
         ]
         if case.pass_ == "backward":
             self.loss = self._loss()
 
     def _loss(self) -> torch.Tensor:
-        return self.loss_fn(self.problem.logits, self.problem.target, self.case.smoothing, "mean")
+        problem = self.problem
+        return self.loss_fn(problem.logits, problem.target, self.case.smoothing, "mean", **problem.options)
 
     def _floor(self):
         with torch.no_grad():
             return torch.exp(self.problem.logits, out=self.buffer)
+
+    def _floor_alloc(self):
+        with torch.no_grad():
+            return torch.exp(self.problem.logits)
 
     def _forward(self):
         return self._loss()
@@ -105,7 +139,7 @@ class Pass:
         return torch.autograd.grad(self._loss(), self.problem.logits)
 
     def __call__(self):
-        out = self.run()
+        out = self._step(self)
         synchronize(self.device)
         return out
 
@@ -125,6 +159,9 @@ class Measurement:
 
     Median and IQR are computed from them on demand; `warning` says when the spread is wide.
 
+    `first_call_s` is the first call's duration (compilation and warm-up included), kept out of the
+    samples.
+
     Example:
         >>> m = Measurement((1.0, 1.05, 0.95, 1.0, 2.0), runs_per_sample=4, threads=2)
         >>> m.median, m.runs, round(m.relative_iqr, 2), m.warning
@@ -136,6 +173,7 @@ class Measurement:
     samples: tuple[float, ...]
     runs_per_sample: int
     threads: int
+    first_call_s: float | None = None
 
     @property
     def runs(self) -> int:
@@ -163,19 +201,31 @@ class Measurement:
         return f"noisy: IQR {self.relative_iqr:.0%} of the median over {len(self.samples)} samples"
 
 
+def timed_call(fn: Callable[[], object]) -> float:
+    """Seconds one call of `fn` (which synchronises the device itself) takes; its result is dropped."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def time_pass(
-    fn: Callable[[], object], min_time: float = 0.5, min_samples: int = 7, max_time: float = 20.0
+    fn: Callable[[], object],
+    min_time: float = 0.5,
+    min_samples: int = 7,
+    max_time: float = 20.0,
+    first_call_s: float | None = None,
 ) -> Measurement:
     """Time one call of `fn`, which synchronises the device itself, at torch's current thread count.
 
-    Warm-up: until a call has been made twice (allocator, lazy initialisation, compilation). Each
+    Warm-up: until a call has been made twice (allocator, lazy initialisation, compilation); the
+    first call's duration is kept as `first_call_s`. A caller that made that first call itself (the
+    sweep does, before the gate, so that it includes compilation) passes its duration instead. Each
     sample then runs a block of calls long enough (>= 1 ms) for the clock to resolve, and samples are
     taken until both `min_samples` and `min_time` are reached, or `max_time` passes with 3 samples.
     """
-    fn()
-    start = time.perf_counter()
-    fn()
-    one_call = time.perf_counter() - start
+    if first_call_s is None:
+        first_call_s = timed_call(fn)
+    one_call = timed_call(fn)
     per_block = max(1, int(1e-3 / max(one_call, 1e-9)))
     samples: list[float] = []
     began = time.perf_counter()
@@ -189,7 +239,7 @@ def time_pass(
             elapsed >= max_time and len(samples) >= 3
         ):
             break
-    return Measurement(tuple(samples), per_block, torch.get_num_threads())
+    return Measurement(tuple(samples), per_block, torch.get_num_threads(), first_call_s)
 
 
 @contextlib.contextmanager
@@ -265,12 +315,15 @@ def peak_rss_bytes(fn: Callable[[], object]) -> int | None:
 # estimate that only keeps a sweep from starting a case that cannot fit, never a measurement.
 PEAK_FACTOR = {
     "floor": 1.0,
+    "floor-alloc": 1.0,
     "native": 3.0,
     "dense": 4.0,
     "sparse": 3.0,
     "fused-exact": 1.1,
     "fused-sparse": 1.1,
     "fused-exact-inplace": 2.1,  # the benchmark gives it a copy of the logits to overwrite
+    "native-compiled": 1.1,  # measured on CPU: forward+backward peaks at the gradient alone
+    "liger": 2.1,  # writes its gradient into a copy of the logits, as fused-exact-inplace
 }
 DEFAULT_PEAK_FACTOR = 4.0  # an implementation not listed: assume the dense one's appetite
 
@@ -291,64 +344,15 @@ def refusal(case: Case) -> dict | None:
     impl = lsr.get(case.implementation)
     if not impl.runs_on(case.device):
         return {"status": "not-available", "message": f"{impl.name} does not run on {case.device} here"}
-    reason = impl.unsupported(classes=case.classes, dtype=case.dtype)
+    reason = impl.unsupported(
+        classes=case.classes,
+        dtype=case.dtype,
+        reduction="mean",  # the timed one
+        weighted=case.weighted,
+        ignoring=case.ignore_fraction > 0,
+    )
     if reason:
         return {"status": "unsupported", "message": reason}
-    if impl.inplace_backward and case.pass_ == "backward":
-        return {"status": "unsupported", "message": "an in-place backward cannot run twice on one graph"}
+    if not impl.can_repeat_backward and case.pass_ == "backward":
+        return {"status": "unsupported", "message": f"{impl.name}'s backward cannot run twice on one graph"}
     return None
-
-
-class GateFailure(AssertionError):
-    """The implementation's loss or gradient disagrees with the float64 reference."""
-
-
-GATE_ROWS = 32
-GATE_TOLERANCE = {"float64": 1e-9, "float32": 1e-4, "bfloat16": 3e-2, "float16": 5e-3}
-
-
-def check_against_reference(
-    case: Case, problem: Problem, impl: Implementation, loss_fn: LossFn | None = None
-) -> float:
-    """Compare loss and gradient of a few rows (spread over the batch) with the float64 reference.
-
-    The implementation runs on the whole batch, so size-dependent bugs show; only the sampled rows
-    are recomputed in float64 (rows are independent under reduction "none"). The timed reduction,
-    "mean", is checked against the mean of the rows, and its gradient, times N, against the
-    reference's per-row gradient. Returns the largest relative error; raises GateFailure past the
-    dtype's tolerance.
-    """
-    loss_fn = loss_fn or impl.loss
-    if impl.inplace_backward:
-        problem = problem.copy()
-    logits, target = problem.logits, problem.target
-    rows = (
-        torch.linspace(0, case.batch - 1, min(GATE_ROWS, case.batch))
-        .round()
-        .long()
-        .unique()
-        .to(logits.device)
-    )
-    sub = logits.detach()[rows].double().requires_grad_(True)  # before a backward that may overwrite them
-    per_row_all = loss_fn(logits, target, case.smoothing, "none").detach().double()
-    per_row = per_row_all[rows]
-    # The timed reduction is "mean": check its value and its gradient's scale too.
-    mean = loss_fn(logits, target, case.smoothing, "mean")
-    mean_value = float(mean.detach().double())
-    (grad,) = torch.autograd.grad(mean, logits)
-    grad = (
-        grad.detach()[rows].double() * case.batch
-    )  # the mean's gradient is the sum's over N (no ignored rows here)
-    ref_per_row = impl.reference(sub, target[rows], case.smoothing, "none")
-    (ref_grad,) = torch.autograd.grad(ref_per_row.sum(), sub)
-    tol = GATE_TOLERANCE[case.dtype]
-    loss_err = float(((per_row - ref_per_row.detach()).abs() / (ref_per_row.detach().abs() + 1)).max())
-    mean_of_rows = float(per_row_all.mean())
-    loss_err = max(loss_err, abs(mean_value - mean_of_rows) / (abs(mean_of_rows) + 1))
-    grad_err = float((grad - ref_grad).norm() / (ref_grad.norm() + 1e-12))
-    if not (loss_err <= tol and grad_err <= tol):  # also catches NaN
-        raise GateFailure(
-            f"disagrees with the float64 reference: loss error {loss_err:.2e}, gradient error {grad_err:.2e} "
-            f"(tolerance {tol:.0e})"
-        )
-    return max(loss_err, grad_err)

@@ -1,10 +1,10 @@
 """The charts of a run, drawn with matplotlib's object-oriented API (no pyplot, no backend switch).
 
-`plot_run` writes the `CHARTS` for every dtype of a run (and per device and smoothing where it has
-several); `plot_side_by_side` puts several runs next to each other, at the (dtype, N, C) they all
-measured; `chart_folders` says where each run's charts go. Rows come from `lsr.bench.results.load`
-and are selected by `lsr.bench.report`; colours, markers, fonts, titles and resolution come from
-`lsr.bench.style`, so an implementation looks the same in every chart.
+`plot_run` writes the `CHARTS` for every dtype of a run, per variant (device, smoothing, ignore
+fraction, weighting) where it has several; `chart_folders` says where each run's charts go (several
+runs side by side: `lsr.bench.side_by_side`). Rows come from `lsr.bench.results.load` and are
+selected by `lsr.bench.selection`, as the tables' are; colours, markers, fonts, titles, legends
+and resolution come from `lsr.bench.style`, so an implementation looks the same in every chart.
 """
 
 from __future__ import annotations
@@ -16,11 +16,14 @@ from functools import partial
 from pathlib import Path
 
 from matplotlib.axes import Axes
+from matplotlib.axis import Axis
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogLocator, NullFormatter, NullLocator
 
-from lsr.bench import style
-from lsr.bench.report import (
+from lsr.bench import selection, style
+from lsr.bench.results import FLOOR, FLOOR_ALLOC, FLOORS, PASSES, RESULTS_FILE, floor_for
+from lsr.bench.selection import (
     CHARTS,
     FWD_BWD,
     chart_file,
@@ -30,9 +33,9 @@ from lsr.bench.report import (
     ok_rows,
     variants,
 )
-from lsr.bench.results import FLOOR, PASSES, RESULTS_FILE
+from lsr.bench.tables import format_bandwidth, format_caches
 
-__all__ = ["CHARTS", "chart_folders", "plot_run", "plot_side_by_side", "shared_shapes", "side_by_side_figure"]
+__all__ = ["CHARTS", "chart_folders", "plot_run"]
 
 GRADIENT = "gradient"  # the reference line of the memory charts: N·C·itemsize bytes
 
@@ -44,14 +47,14 @@ class Quantity:
     title: str
     ylabel: str
     value: Callable[[dict], float | None]
-    reference: str  # FLOOR: the floor's own times; GRADIENT: the gradient's size in bytes
+    reference: str  # FLOOR: the floors' own times (both); GRADIENT: the gradient's size in bytes
 
 
 TIME = Quantity("time", "median time (s)", lambda r: r["median_s"], FLOOR)
 MEMORY = Quantity(
     "peak memory", "peak allocated above inputs (bytes)", lambda r: r["peak_bytes"] or None, GRADIENT
 )
-Chart = Callable[[list[dict], dict, str], Figure | None]
+Chart = Callable[..., Figure | None]  # (rows, metadata, dtype, *, variant=label) -> a figure, or None
 
 
 def _log_axes(ax: Axes, x_base: int = 10) -> None:
@@ -61,23 +64,11 @@ def _log_axes(ax: Axes, x_base: int = 10) -> None:
     ax.grid(True, which="both")
 
 
-def _legend_below(fig: Figure, columns: int) -> None:
-    """One legend under the panels, each label once, in the order the panels first show it, in rows
-    of at most `columns` entries and as even as they can be."""
-    entries = {}
-    for ax in fig.axes:
-        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            entries.setdefault(label, handle)
-    if not entries:
-        return
-    rows = math.ceil(len(entries) / columns)
-    fig.legend(
-        list(entries.values()),
-        list(entries),
-        loc="outside lower center",
-        ncol=math.ceil(len(entries) / rows),
-        frameon=False,
-    )
+def _plain_ticks(axis: Axis) -> None:
+    """Ticks at 1, 2, 3 and 5 of every decade of a log axis, written as plain numbers (0.5, 2, 10)."""
+    axis.set_major_locator(LogLocator(subs=(1, 2, 3, 5)))
+    axis.set_major_formatter("{x:g}")
+    axis.set_minor_formatter(NullFormatter())
 
 
 def _itemsize(rows: list[dict], dtype: str) -> float:
@@ -95,9 +86,9 @@ def _line_panel(
     panel_axis = "classes" if x_axis == "batch" else "batch"
     index = index_rows(rows)
     xs = sorted({r[x_axis] for r in ok_rows(rows) if r["dtype"] == dtype})
-    names = implementations(rows) + ([FLOOR] if quantity.reference == FLOOR else [])
+    names = implementations(rows) + (list(FLOORS) if quantity.reference == FLOOR else [])
     for name in names:
-        key_pass = FWD_BWD if name == FLOOR else pass_  # the floor is measured once, as its reference
+        key_pass = FWD_BWD if name in FLOORS else pass_  # a floor is measured once, as its reference
         points = []
         for x in xs:
             size = {x_axis: x, panel_axis: panel}
@@ -114,23 +105,26 @@ def _line_panel(
 
 
 def _line_grid(
-    rows: list[dict], metadata: dict, dtype: str, quantity: Quantity, x_axis: str
+    rows: list[dict], metadata: dict, dtype: str, quantity: Quantity, x_axis: str, *, variant: str = ""
 ) -> Figure | None:
-    """Rows of panels = passes, columns = values of the other size axis; a line per implementation."""
+    """Rows of panels = the passes measured, columns = values of the other size axis; a line per
+    implementation. None where the x axis has one value: no line to draw, a table says as much."""
     panel_axis = "classes" if x_axis == "batch" else "batch"
-    panels = sorted({r[panel_axis] for r in ok_rows(rows) if r["dtype"] == dtype})
-    if not panels:
+    measured = [r for r in ok_rows(rows) if r["dtype"] == dtype]
+    panels = sorted({r[panel_axis] for r in measured})
+    passes = [p for p in PASSES if any(r["pass"] == p for r in measured if r["implementation"] not in FLOORS)]
+    if len({r[x_axis] for r in measured}) < 2 or not passes:
         return None
-    fig = style.figure(3.6 * len(panels) + 1, 3.0 * len(PASSES) + 1.4)
-    axes = fig.subplots(len(PASSES), len(panels), squeeze=False)
-    for i, pass_ in enumerate(PASSES):
+    fig = style.figure(3.6 * len(panels) + 1, 3.0 * len(passes) + 1.4)
+    axes = fig.subplots(len(passes), len(panels), squeeze=False)
+    for i, pass_ in enumerate(passes):
         for j, panel in enumerate(panels):
             _line_panel(axes[i][j], rows, dtype, quantity, pass_, x_axis, panel)
         axes[i][0].set_ylabel(quantity.ylabel)
     for ax in axes[-1]:
         ax.set_xlabel("batch size N" if x_axis == "batch" else "classes C")
-    _legend_below(fig, columns=2 * len(panels) + 1)  # as many as fit under the panels
-    fig.suptitle(style.title(f"{quantity.title} vs {x_axis}", metadata, dtype))
+    style.legend_below(fig, columns=2 * len(panels) + 1)  # as many as fit under the panels
+    fig.suptitle(style.title(f"{quantity.title} vs {x_axis}", metadata, dtype, variant))
     return fig
 
 
@@ -155,7 +149,7 @@ def _speedup_pairs(rows: list[dict]) -> list[tuple[str, str]]:
     return pairs + [(name, "native") for name in names if name != "native" and "native" in names]
 
 
-def _speedup_heatmaps(rows: list[dict], metadata: dict, dtype: str) -> Figure | None:
+def _speedup_heatmaps(rows: list[dict], metadata: dict, dtype: str, *, variant: str = "") -> Figure | None:
     """fwd+bwd speedup over the N x C grid: sparse vs dense, and every implementation vs native."""
     pairs = _speedup_pairs(rows)
     batches = sorted({r["batch"] for r in ok_rows(rows) if r["dtype"] == dtype})
@@ -180,41 +174,110 @@ def _speedup_heatmaps(rows: list[dict], metadata: dict, dtype: str) -> Figure | 
         ax.set_xticks(range(len(classes)), [str(c) for c in classes])
         ax.set_yticks(range(len(batches)), [str(n) for n in batches])
         ax.set(xlabel="classes C", ylabel="batch size N", title=f"{pair[0]} vs {pair[1]}")
-    label = "speedup: time of the second / time of the first"
+    label = "speedup: second's time / first's"
     bar = fig.colorbar(image, ax=axes.flat[: len(pairs)], shrink=0.8, label=label)
     ticks = [1 / 8, 1 / 4, 1 / 2, 1, 2, 4, 8]
     bar.set_ticks(ticks, labels=[f"{t:g}×" if t >= 1 else f"1/{1 / t:g}×" for t in ticks])
     bar.minorticks_off()
-    fig.suptitle(style.title("forward+backward speedup (green: the first is faster)", metadata, dtype))
+    fig.suptitle(
+        style.title("forward+backward speedup (green: the first is faster)", metadata, dtype, variant)
+    )
     return fig
 
 
-def _floor_multiple(rows: list[dict], metadata: dict, dtype: str) -> Figure | None:
-    """fwd+bwd time / floor time against the number of logits N·C, a point per size."""
+def _fwd_bwd_points(rows: list[dict], name: str, dtype: str, y: Callable[[dict], float | None]) -> list:
+    """(N·C, y(row)) of name's measured forward+backward rows of that dtype, by N·C; None values left out."""
+    points = [
+        (r["batch"] * r["classes"], y(r))
+        for r in ok_rows(rows)
+        if r["implementation"] == name and r["pass"] == FWD_BWD and r["dtype"] == dtype
+    ]
+    return sorted((x, v) for x, v in points if v is not None)
+
+
+def _floor_multiple(rows: list[dict], metadata: dict, dtype: str, *, variant: str = "") -> Figure | None:
+    """fwd+bwd time / the time of the implementation's own floor (in place: FLOOR; out of place:
+    FLOOR_ALLOC) against the number of logits N·C, a point per size; and FLOOR_ALLOC / FLOOR, what
+    allocating the gradient costs."""
     index = index_rows(rows)
-    fig = style.figure(9, 4.8)
+    fig = style.figure(9.5, 5)
     ax = fig.subplots()
-    for name in implementations(rows):
-        points = []
-        for r in ok_rows(rows):
-            if r["implementation"] == name and r["pass"] == FWD_BWD and r["dtype"] == dtype:
-                floor = index.get((FLOOR, FWD_BWD, dtype, r["batch"], r["classes"]))
-                if floor:
-                    points.append((r["batch"] * r["classes"], r["median_s"] / floor["median_s"]))
+    for name in [*implementations(rows), FLOOR_ALLOC]:
+        floor = FLOOR if name == FLOOR_ALLOC else floor_for(name)
+
+        def multiple(r: dict, floor: str = floor) -> float | None:
+            own = index.get((floor, FWD_BWD, r["dtype"], r["batch"], r["classes"]))
+            return r["median_s"] / own["median_s"] if own else None
+
+        points = _fwd_bwd_points(rows, name, dtype, multiple)
+        look = style.line_style(name) | style.FLOOR_MARKERS.get(name, {})
         if points:
-            ax.plot(
-                *zip(*sorted(points), strict=True),
-                **(style.line_style(name) | {"linestyle": "none"}),
-                alpha=0.85,
-            )
+            label = f"{name} ÷ {floor}"
+            ax.plot(*zip(*points, strict=True), **(look | {"linestyle": "none", "label": label}), alpha=0.85)
     if not ax.lines:
         return None
-    ax.axhline(1, **style.line_style(FLOOR))
-    ax.axhline(2, **style.REFERENCE, label="2 × floor")
+    ax.axhline(1, color="black", linestyle="-", linewidth=0.8, label="1 × its floor")
+    ax.axhline(2, **style.REFERENCE, label="2 × its floor")
     _log_axes(ax)
-    ax.set(xlabel="logits N·C", ylabel="forward+backward time / floor time")
+    _plain_ticks(ax.yaxis)
+    ylabel = f"fwd+bwd time / its floor's time\n(in place: {FLOOR}; out of place: {FLOOR_ALLOC})"
+    ax.set(xlabel="logits N·C", ylabel=ylabel)
     fig.legend(loc="outside right center")
-    ax.set_title(style.title("time as a multiple of the floor", metadata, dtype))
+    ax.set_title(style.title("time as a multiple of the floor of its kind", metadata, dtype, variant))
+    return fig
+
+
+def _cache_marks(ax: Axes, metadata: dict, itemsize: float) -> None:
+    """A vertical line where the logits fill each of the L2 and L3 caches a CPU run recorded, named
+    at its foot, and one legend entry saying what the lines are."""
+    levels = (metadata.get("cache_bytes") or {}) if metadata.get("device", "cpu") == "cpu" else {}
+    caches = {level: size for level, size in levels.items() if level in ("L2", "L3") and size}
+    at_foot = {"va": "bottom", "ha": "left", "color": "grey", "fontsize": style.ANNOTATION_SIZE}
+    for level, size in caches.items():
+        ax.axvline(size / itemsize, **style.REFERENCE)
+        ax.text(size / itemsize, 0.01, f" {level}", transform=ax.get_xaxis_transform(), **at_foot)
+    if caches:
+        ax.plot([], [], **style.REFERENCE, label=f"logits fill a cache ({format_caches(caches)})")
+
+
+def _bandwidth(rows: list[dict], metadata: dict, dtype: str, *, variant: str = "") -> Figure | None:
+    """A roofline view: the bytes per second of the least traffic a forward+backward makes (2 ·
+    logits bytes / time) against N·C, a point per size and implementation, the floors as lines, the
+    machine's copy bandwidth as the roof, and where the logits fill the L2 and L3 caches."""
+    fig = style.figure(9.5, 5)
+    ax = fig.subplots()
+
+    def achieved(r: dict) -> float | None:  # GB/s
+        return selection.bandwidth(r)[0] / 1e9
+
+    for name in [*implementations(rows), *FLOORS]:
+        points = _fwd_bwd_points(rows, name, dtype, achieved)
+        if points:
+            look = style.line_style(name) | style.FLOOR_MARKERS.get(name, {"linestyle": "none"})
+            ax.plot(*zip(*points, strict=True), **look, alpha=0.85)
+    if not ax.lines:
+        return None
+    copy = selection.copy_bandwidth(metadata)
+    if copy:
+        ax.axhline(
+            copy / 1e9, color="black", linewidth=1.6, label=f"copy bandwidth, {format_bandwidth(copy)}"
+        )
+    _log_axes(ax)
+    _plain_ticks(ax.yaxis)
+    if copy:  # the same axis as a share of the copy bandwidth, on the right
+        share = ax.twinx()
+        share.set_yscale("log")
+        share.set_ylim(*(y / (copy / 1e9) for y in ax.get_ylim()))
+        share.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        share.yaxis.set_major_formatter(lambda share, _: f"{100 * share:g}%")
+        share.yaxis.set_minor_locator(NullLocator())
+        share.set_ylabel("share of the copy bandwidth")
+    _cache_marks(ax, metadata, _itemsize(rows, dtype))
+    ax.set(xlabel="logits N·C", ylabel="GB/s: 2 · logits bytes / fwd+bwd time")
+    style.legend_below(fig, columns=4)
+    ax.set_title(
+        style.title("forward+backward bandwidth (the least traffic over the time)", metadata, dtype, variant)
+    )
     return fig
 
 
@@ -225,6 +288,7 @@ DRAW: dict[str, Chart] = {
     "memory_vs_classes": partial(_line_grid, quantity=MEMORY, x_axis="classes"),
     "speedup": _speedup_heatmaps,
     "floor_multiple": _floor_multiple,
+    "bandwidth": _bandwidth,
 }
 assert tuple(DRAW) == CHARTS, "every chart the summary links is drawn here"
 
@@ -253,72 +317,13 @@ def chart_folders(inputs: list[Path], out: Path | None) -> list[Path]:
 
 
 def plot_run(rows: list[dict], metadata: dict, out_dir: Path) -> list[Path]:
-    """Every chart for one run, per dtype (and per device and smoothing where it has several)."""
+    """Every chart for one run, per dtype (and per variant where it has several)."""
     written = []
     with style.context():
-        for suffix, subset in variants(rows):
+        for suffix, label, subset in variants(rows):
             for dtype in dtypes(subset):
                 for chart, draw in DRAW.items():
-                    fig = draw(subset, metadata, dtype)
+                    fig = draw(subset, metadata, dtype, variant=label)
                     if fig is not None:
                         written.append(style.save(fig, out_dir / chart_file(chart, dtype, suffix)))
     return written
-
-
-Shape = tuple[str, int, int]  # dtype, N, C
-Source = tuple[str, list[dict], dict]  # label, rows, metadata
-
-
-def _shapes(rows: list[dict]) -> set[Shape]:
-    return {(r["dtype"], r["batch"], r["classes"]) for r in ok_rows(rows) if r["pass"] == FWD_BWD}
-
-
-def shared_shapes(sources: list[Source]) -> list[Shape]:
-    """The (dtype, N, C) measured forward+backward in every source, by dtype, then N·C, then N."""
-    common = set.intersection(*(_shapes(rows) for _, rows, _ in sources))
-    return sorted(common, key=lambda s: (s[0], s[1] * s[2], s[1]))
-
-
-def _side_panel(ax: Axes, label: str, rows: list[dict], metadata: dict, shapes: list[Shape]) -> None:
-    """One source's fwd+bwd time at each shape (a tick per shape, the same in every panel); per
-    implementation the fastest over the smoothings measured."""
-    at = {shape: i for i, shape in enumerate(shapes)}
-    for name in [*implementations(rows), FLOOR]:
-        best: dict[int, float] = {}
-        for r in ok_rows(rows):
-            i = at.get((r["dtype"], r["batch"], r["classes"]))
-            if r["implementation"] == name and r["pass"] == FWD_BWD and i is not None:
-                best[i] = min(best.get(i, math.inf), r["median_s"])
-        if best:
-            xs = sorted(best)
-            # the floor's line has no marker: give it one that shows where it has a single shape
-            marker = {"marker": "_", "markersize": 14} if name == FLOOR else {}
-            ax.plot(xs, [best[x] for x in xs], **(style.line_style(name) | marker))
-    ax.set_yscale("log")
-    ax.grid(True, which="both")
-    ax.set_xticks(range(len(shapes)), [f"{n}×{c}" for _, n, c in shapes], rotation=45, ha="right")
-    ax.set_xlabel("N × C")
-    ax.set_title(style.title(label, metadata, shapes[0][0]))
-
-
-def side_by_side_figure(sources: list[Source]) -> Figure:
-    """fwd+bwd time at the shapes every source measured: a column of panels per source, a row per
-    dtype, the same ticks in each, so that a point compares like with like."""
-    shapes = shared_shapes(sources)
-    if not shapes:
-        raise ValueError("no (dtype, N, C) was measured forward+backward in every source")
-    by_dtype = {dtype: [s for s in shapes if s[0] == dtype] for dtype in dict.fromkeys(s[0] for s in shapes)}
-    fig = style.figure(5.5 * len(sources), 5.2 * len(by_dtype))
-    axes = fig.subplots(len(by_dtype), len(sources), squeeze=False, sharey=True)
-    for row, dtype_shapes in zip(axes, by_dtype.values(), strict=True):
-        for ax, (label, rows, metadata) in zip(row, sources, strict=True):
-            _side_panel(ax, label, rows, metadata, dtype_shapes)
-        row[0].set_ylabel("forward+backward median time (s)")
-    _legend_below(fig, columns=4 * len(sources))
-    return fig
-
-
-def plot_side_by_side(sources: list[Source], out_path: Path) -> Path:
-    """`side_by_side_figure`, written to out_path."""
-    with style.context():
-        return style.save(side_by_side_figure(sources), out_path)

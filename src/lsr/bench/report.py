@@ -1,10 +1,8 @@
-"""What a run's rows say: the rows charts and tables select, the chart files, and results/README.md.
+"""What a run's rows say in words: the table `lsr-bench run` prints, and results/README.md.
 
-The first section picks rows (the measured ones, indexed by case; the implementations in run
-order; one device and smoothing at a time), formats the table `lsr-bench run` prints and names the
-chart files; `lsr.bench.plot` draws from the same selection, so the charts and the tables always
-show the same rows. The second section writes the generated Markdown summary, every table through
-`lsr.bench.tables.format_table`.
+Rows are selected by `lsr.bench.selection`, as the charts' are, so the charts and the tables always
+show the same rows; every table goes through `lsr.bench.tables.format_table`. The "which one to
+ship" tables come from `lsr.bench.ship`.
 """
 
 from __future__ import annotations
@@ -12,67 +10,31 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from lsr.bench.results import FLOOR, RESULTS_FILE, atomic_write, load
-from lsr.bench.tables import format_table
-
-MiB = 2**20
-FWD_BWD = "forward+backward"
-CHARTS = (
-    "time_vs_batch",
-    "time_vs_classes",
-    "memory_vs_batch",
-    "memory_vs_classes",
-    "speedup",
-    "floor_multiple",
+from lsr.bench.results import FLOOR, FLOOR_ALLOC, RESULTS_FILE, atomic_write, floor_for, load
+from lsr.bench.selection import (
+    CHARTS,
+    FWD_BWD,
+    VARIANT_AXES,
+    MiB,
+    bandwidth,
+    chart_file,
+    copy_bandwidth,
+    dtypes,
+    implementations,
+    index_rows,
+    is_floor,
+    ok_rows,
+    ratio,
+    variant_label,
+    variants,
+    varying_axes,
 )
-IndexKey = tuple[str, str, str, int, int]  # implementation, pass, dtype, batch, classes
+from lsr.bench.ship import ship_section
+from lsr.bench.tables import format_bandwidth, format_caches, format_table
 
-# --- selecting rows ---------------------------------------------------------------------------------
+__all__ = ["CHARTS", "format_run_table", "summary_table", "write_summary"]
 
-
-def ok_rows(rows: list[dict]) -> list[dict]:
-    """The rows that hold a measurement."""
-    return [r for r in rows if r["status"] == "ok" and r["median_s"] is not None]
-
-
-def index_rows(rows: list[dict]) -> dict[IndexKey, dict]:
-    """The measured rows by (implementation, pass, dtype, batch, classes), for one device and smoothing."""
-    return {(r["implementation"], r["pass"], r["dtype"], r["batch"], r["classes"]): r for r in ok_rows(rows)}
-
-
-def implementations(rows: list[dict]) -> list[str]:
-    """The implementations in the order the run measured them, without the floor."""
-    return list(dict.fromkeys(r["implementation"] for r in rows if r["implementation"] != FLOOR))
-
-
-def dtypes(rows: list[dict]) -> list[str]:
-    """The dtypes with at least one measurement, sorted."""
-    return sorted({r["dtype"] for r in ok_rows(rows)})
-
-
-def variants(rows: list[dict]) -> list[tuple[str, list[dict]]]:
-    """Rows split by (device, smoothing), each with its device's floor rows, and a file-name suffix.
-
-    Charts and tables index rows by implementation, pass, dtype and size, so each must see one
-    device and one smoothing. The suffix is empty when the run has just one of each.
-
-    >>> rows = [{"device": "cpu", "smoothing": s, "implementation": i} for s, i in
-    ...         [(0.1, "floor"), (0.1, "native"), (0.0, "native")]]
-    >>> [(suffix, len(subset)) for suffix, subset in variants(rows)]
-    [('_cpu_smoothing0', 2), ('_cpu_smoothing0.1', 2)]
-    """
-    keys = sorted({(r["device"], r["smoothing"]) for r in rows if r["implementation"] != FLOOR})
-    split = []
-    for device, smoothing in keys:
-        subset = [
-            r
-            for r in rows
-            if r["device"] == device and (r["implementation"] == FLOOR or r["smoothing"] == smoothing)
-        ]
-        suffix = "" if len(keys) == 1 else f"_{device}_smoothing{smoothing:g}"
-        split.append((suffix, subset))
-    return split
-
+# --- the table `lsr-bench run` prints ---------------------------------------------------------------
 
 RUN_HEADERS = (
     "implementation",
@@ -84,44 +46,57 @@ RUN_HEADERS = (
     "median ms",
     "IQR ms",
     "x floor",
+    "GB/s",
+    "% copy",
     "peak MiB",
 )
 
 
-def _run_cells(r: dict, floor: dict | None) -> list:
-    """One row of `format_run_table`: the ratio to the floor for measured forward+backward rows only."""
+def _run_cells(r: dict, floor: dict | None, variant: list[str]) -> list:
+    """One row of `format_run_table`: the ratio to its floor and the bandwidth for measured
+    forward+backward rows only."""
     ok = r["status"] == "ok"
-    ratio = ok and floor and r["pass"] == FWD_BWD
+    achieved, fraction = bandwidth(r)
     status = r["status"] + (" (busy)" if r.get("busy") else "")  # timed while others loaded the machine
     return [
         *(r[k] for k in ("implementation", "device", "dtype", "batch", "classes", "pass")),
+        *variant,
         f"{r['median_s'] * 1e3:.3f}" if ok else "",
         f"{r['iqr_s'] * 1e3:.3f}" if ok else "",
-        f"{r['median_s'] / floor['median_s']:.2f}" if ratio else "",
+        ratio(r, floor) if ok and r["pass"] == FWD_BWD and not is_floor(r) else "",
+        f"{achieved / 1e9:.1f}" if achieved else "",
+        f"{fraction:.0%}" if fraction is not None else "",
         f"{r['peak_bytes'] / MiB:.1f}" if r.get("peak_bytes") is not None else "",
         status if not r["message"] else f"{status}: {r['message'][:60]}",
     ]
 
 
+RUN_NOTE = (
+    f"x floor: forward+backward time / the floor of its kind ({FLOOR} for in-place implementations, "
+    f"{FLOOR_ALLOC} for out-of-place ones); GB/s: 2 x logits bytes / time; % copy: of the copy bandwidth"
+)
+
+
 def format_run_table(rows: list[dict]) -> str:
     """What `lsr-bench run` prints: medians, one line per case, with forward+backward's ratio to the
-    floor and the peak memory."""
-    floors = {
-        (r["device"], r["dtype"], r["batch"], r["classes"]): r
-        for r in rows
-        if r["implementation"] == FLOOR and r["status"] == "ok"
-    }
-    lines = [_run_cells(r, floors.get((r["device"], r["dtype"], r["batch"], r["classes"]))) for r in rows]
-    return format_table([*RUN_HEADERS, "status"], lines, align="lllrrlrrrrl")
+    floor of its kind (x floor), the bandwidth it achieved (and its share of the copy bandwidth) and
+    the peak memory; a variant column where the rows have more than one smoothing, ignore fraction or
+    weighting. A line under the table says what x floor and GB/s are."""
+    floors = {(r["device"], *_size_key(r)): r for r in ok_rows(rows) if is_floor(r)}
+    varying = [i for i in varying_axes(rows) if VARIANT_AXES[i] != "device"]  # device has a column
+    lines = []
+    for r in rows:
+        floor = floors.get((r["device"], *_size_key(r, floor_for(r["implementation"]))))
+        variant = variant_label(r, varying) if not is_floor(r) else ""
+        lines.append(_run_cells(r, floor, [variant] if varying else []))
+    headers = [*RUN_HEADERS[:6], *(["variant"] if varying else []), *RUN_HEADERS[6:], "status"]
+    table = format_table(headers, lines, align="lllrrl" + "l" * bool(varying) + "rrrrrrl")
+    return f"{table}\n{RUN_NOTE}"
 
 
-def chart_file(chart: str, dtype: str, suffix: str = "") -> str:
-    """The file name of one of the `CHARTS` for a dtype and a variant's suffix.
-
-    >>> chart_file("speedup", "float32")
-    'speedup_float32.png'
-    """
-    return f"{chart}_{dtype}{suffix}.png"
+def _size_key(r: dict, name: str | None = None) -> tuple:
+    """(implementation, dtype, N, C) of r, or of implementation `name` at r's dtype and size."""
+    return name or r["implementation"], r["dtype"], r["batch"], r["classes"]
 
 
 # --- the generated summary ------------------------------------------------------------------------
@@ -132,14 +107,24 @@ PREAMBLE = """\
 Generated by `lsr-bench plot` from the runs below; do not edit by hand. Each directory holds
 `results.csv` (a row per case; schema in `src/lsr/bench/results.py`), `metadata.json` (the
 machine and commit) and the charts. Times are medians of one call with the interquartile range;
-speedups and floor multiples are ratios of medians measured in the same run. The floor is
-`torch.exp(z, out=buf)` on the same logits: one read, one write and one exp per element, the
-least a fused forward+backward must do. Peak memory is bytes allocated above what existed before
-the pass (CUDA: `max_memory_allocated`; CPU: the exact peak from the profiler's allocation events).
+speedups and floor multiples are ratios of medians measured in the same run.
+
+There are two floors, both on the same logits. `floor` is `torch.exp(z, out=buf)`: one read, one
+write and one exp per element into memory that exists, the least an in-place forward+backward
+(one that writes the gradient over its logits) must do. `floor-alloc` is `torch.exp(z)`: the same
+into a new tensor, the least an out-of-place one must do, since it allocates the gradient. Each
+implementation's floor multiple (× its floor) is against the floor of its kind. Bandwidth (GB/s) is
+the least traffic of a forward+backward, the logits read and their gradient written (2 · logits
+bytes), over its time, also as a share of the machine's copy bandwidth (metadata.json). Peak memory
+is bytes allocated above what existed before the pass (CUDA: `max_memory_allocated`; CPU: the exact
+peak from the profiler's allocation events).
 """
 ENVIRONMENT = (
     "device_name",
     "cpu_model",
+    "vector_isa",
+    "cpu_caches",  # from cache_bytes
+    "copy_bandwidth",  # from copy_bandwidth_bytes_per_s
     "threads",
     "torch_version",
     "cuda_version",
@@ -156,12 +141,15 @@ SUMMARY_HEADERS = (
     "implementation",
     "fwd+bwd median (ms)",
     "IQR (ms)",
-    "× floor",
+    "× its floor",
+    "GB/s",
+    "% of copy",
     "speedup vs native",
     "speedup vs dense",
     "peak (MiB)",
     "peak / gradient bytes",
 )
+FLOOR_NAMES = {FLOOR: "floor (exp, out=buf)", FLOOR_ALLOC: "floor-alloc (exp, new tensor)"}
 FAILURE_HEADERS = ("implementation", "pass", "dtype", "N", "C", "status", "message")
 
 
@@ -181,56 +169,60 @@ def representative_sizes(rows: list[dict], dtype: str) -> list[tuple[int, int]]:
     return [sizes[0], sizes[len(sizes) // 2], sizes[-1]]
 
 
-def _ratio(numerator: dict | None, denominator: dict | None) -> str:
-    """numerator's median / denominator's, two decimals; empty where either is missing."""
-    if numerator is None or denominator is None:
-        return ""
-    return f"{numerator['median_s'] / denominator['median_s']:.2f}"
-
-
-def _summary_cells(r: dict, floor: dict | None, native: dict | None, dense: dict | None) -> list[str]:
-    """One implementation's row of the summary table, against the floor, native and dense."""
-    is_floor = r["implementation"] == FLOOR
+def _summary_cells(r: dict, of: dict[str, dict | None], metadata: dict) -> list[str]:
+    """One row of the summary table: r against its floor, native and dense (`of`: the rows at its size)."""
+    floor = is_floor(r)
     peak = r["peak_bytes"]
+    achieved, fraction = bandwidth(r, metadata)
     return [
         str(r["batch"]),
         str(r["classes"]),
-        "floor (exp)" if is_floor else r["implementation"],
+        FLOOR_NAMES.get(r["implementation"], r["implementation"]),
         f"{r['median_s'] * 1e3:.3f}",
         f"{r['iqr_s'] * 1e3:.3f}",
-        _ratio(r, floor),
-        "" if is_floor else _ratio(native, r),
-        "" if is_floor else _ratio(dense, r),
+        "" if floor else ratio(r, of.get(floor_for(r["implementation"]))),
+        f"{achieved / 1e9:.1f}" if achieved else "",
+        f"{fraction:.0%}" if fraction is not None else "",
+        "" if floor else ratio(of.get("native"), r),
+        "" if floor else ratio(of.get("dense"), r),
         f"{peak / MiB:.1f}" if peak is not None else "",
         f"{peak / r['logits_bytes']:.2f}" if peak is not None else "",
     ]
 
 
-def summary_table(rows: list[dict], dtype: str) -> str:
-    """Forward+backward at the representative sizes: time, IQR, floor multiple, speedups and memory,
-    as a Markdown table (a row per implementation and size, the floor last at each size)."""
+def summary_table(rows: list[dict], dtype: str, metadata: dict | None = None) -> str:
+    """Forward+backward at the representative sizes: time, IQR, floor multiple, bandwidth, speedups
+    and memory, as a Markdown table (a row per implementation and size, the floors last at each)."""
     index = index_rows(rows)
     table = []
     for n, c in representative_sizes(rows, dtype):
-        of = {name: index.get((name, FWD_BWD, dtype, n, c)) for name in [*implementations(rows), FLOOR]}
-        table += [_summary_cells(r, of[FLOOR], of.get("native"), of.get("dense")) for r in of.values() if r]
-    return format_table(SUMMARY_HEADERS, table, markdown=True, align="rrlrrrrrrr")
+        of = {
+            name: index.get((name, FWD_BWD, dtype, n, c)) for name in [*implementations(rows), *FLOOR_NAMES]
+        }
+        table += [_summary_cells(r, of, metadata or {}) for r in of.values() if r]
+    return format_table(SUMMARY_HEADERS, table, markdown=True, align="rrlrrrrrrrrr")
 
 
 def _environment(metadata: dict) -> list[str]:
-    """The machine and the run as a two-column Markdown table."""
-    pairs = [[k, metadata[k]] for k in ENVIRONMENT if metadata.get(k) is not None]
+    """The machine and the run as a two-column Markdown table, with what decides a CPU's ratios:
+    the vector ISA, the cache sizes and the copy bandwidth."""
+    shown = metadata | {
+        "cpu_caches": format_caches(metadata.get("cache_bytes"), levels=("L1d", "L2", "L3")) or None,
+        "copy_bandwidth": format_bandwidth(copy_bandwidth(metadata)) or None,
+    }
+    pairs = [[k, shown[k]] for k in ENVIRONMENT if shown.get(k) is not None]
     return [format_table(("", ""), pairs, markdown=True, align="ll"), ""]
 
 
-def _variant_sections(run_dir: Path, rel: Path, rows: list[dict]) -> list[str]:
-    """Per device, smoothing and dtype: the summary table and the charts that exist beside it."""
+def _variant_sections(run_dir: Path, rel: Path, rows: list[dict], metadata: dict) -> list[str]:
+    """Per variant (the one with the most rows first) and dtype: the summary table and the charts
+    that exist beside it."""
     lines = []
-    for suffix, subset in variants(rows):
-        where = f" ({suffix.strip('_').replace('_', ', ')})" if suffix else ""
+    for suffix, label, subset in sorted(variants(rows), key=lambda v: -len(v.rows)):
+        where = f" ({label})" if label else ""
         for dtype in dtypes(subset):
             lines += [f"### {dtype}{where}, forward+backward at representative sizes", ""]
-            lines += [summary_table(subset, dtype), ""]
+            lines += [summary_table(subset, dtype, metadata), ""]
             names = [(chart, chart_file(chart, dtype, suffix)) for chart in CHARTS]
             lines += [
                 f"![{chart} {dtype}{where}]({rel}/{name})"
@@ -242,15 +234,19 @@ def _variant_sections(run_dir: Path, rel: Path, rows: list[dict]) -> list[str]:
 
 
 def _failures(rows: list[dict]) -> list[str]:
-    """The cases that did not complete, with why; nothing when all did."""
+    """The cases that did not complete, with why (and their variant, where the run has several);
+    nothing when all did."""
+    axes = [i for i in varying_axes(rows) if VARIANT_AXES[i] != "device"]
     failed = [
-        [r["implementation"], r["pass"], r["dtype"], r["batch"], r["classes"], r["status"], r["message"]]
+        [r["implementation"], r["pass"], *([variant_label(r, axes)] if axes else [])]
+        + [r["dtype"], r["batch"], r["classes"], r["status"], r["message"]]
         for r in rows
         if r["status"] != "ok"
     ]
     if not failed:
         return []
-    table = format_table(FAILURE_HEADERS, failed, markdown=True, align="lllrrll")
+    headers = [*FAILURE_HEADERS[:2], *(["variant"] if axes else []), *FAILURE_HEADERS[2:]]
+    table = format_table(headers, failed, markdown=True, align="ll" + "l" * bool(axes) + "lrrll")
     return ["Cases that did not complete:", "", table, ""]
 
 
@@ -261,8 +257,8 @@ def _run_section(run_dir: Path, results_root: Path) -> list[str]:
     counts = Counter(r["status"] for r in rows)
     tally = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
     lines = [f"## {rel}: {metadata.get('device_name', '?')}", "", *_environment(metadata)]
-    lines += [f"Cases: {len(rows)} ({tally}).", ""]
-    return lines + _variant_sections(run_dir, rel, rows) + _failures(rows)
+    lines += [f"Cases: {len(rows)} ({tally}).", "", *ship_section(rows)]
+    return lines + _variant_sections(run_dir, rel, rows, metadata) + _failures(rows)
 
 
 def write_summary(results_root: Path) -> Path:

@@ -1,28 +1,42 @@
 """Results data: one tidy CSV per run (a row per case) and a JSON file describing the machine.
 
-Schema of `results.csv` (version 2, validated by `read_rows`):
+Schema of `results.csv` (version 3, validated by `read_rows`):
 
 | column | type | meaning |
 |---|---|---|
-| implementation | str | registry name, or "floor" for `torch.exp(z, out=buf)` on the same logits |
-| smoothing_kind | str | "exact", "sparse", or "floor" |
+| implementation | str | registry name, or one of the two floors below |
+| smoothing_kind | str | "exact", "sparse", or "floor" (both floors) |
 | device | str | device type: cpu, cuda, mps |
 | dtype | str | logits dtype: float32, float64, float16, bfloat16 |
 | batch, classes | int | N and C of the (N, C) logits |
-| smoothing | float | label smoothing (the floor row carries the sweep's value, unused) |
-| pass | str | forward, backward or forward+backward (the floor row: forward+backward, its reference) |
+| smoothing | float | label smoothing, 0 for plain cross-entropy (a floor row carries the sweep's first value, unused) |
+| pass | str | forward, backward or forward+backward (a floor row: forward+backward, its reference) |
+| ignore_fraction | float | the fraction of targets set to ignore_index (-100), as padding does; floors: 0 (since 3; older files read 0) |
+| weighted | bool | class weights on: random positive weights, fixed seed; floors: False (since 3; older files read False) |
 | median_s, iqr_s | float | median and interquartile range of one call, seconds (empty unless status is ok) |
+| first_call_s | float | the timed pass's first call, seconds, made before the gate: compilation, autotuning and warm-up included where this process meets them first (e.g. a compiled implementation's first case of a dtype); the median excludes it (since 3) |
 | runs, threads | int | calls timed, and torch's intra-op thread count |
 | min_time, logit_std | float | the run's timing budget per case (s) and the logits' standard deviation (since 2) |
 | peak_bytes | int | peak bytes allocated above those allocated before the pass (empty where not measurable) |
 | peak_rss_bytes | int | the process's peak resident set during the pass (CPU on Linux only) |
 | logits_bytes | int | N * C * itemsize, the size of the logits and of their gradient |
+| bandwidth_bytes_per_s | float | 2 * logits_bytes / median_s: the least traffic of a forward+backward (read the logits, write the gradient) per second; forward+backward rows (floors included) only (since 3) |
+| bandwidth_fraction | float | bandwidth_bytes_per_s / the device's copy bandwidth, measured in the same run (metadata.json copy_bandwidth_bytes_per_s): 1 is a large copy's speed (since 3) |
 | max_rel_error | float | the correctness gate's largest relative error against float64 |
 | other_load | float | CPU time other processes used while the case was timed, as a fraction of the machine; empty when timed too briefly to tell (under about 0.4 s) (since 2) |
 | busy | bool | other_load above BUSY_LOAD (0.10): the time may be inflated; the status stays ok (since 2) |
 | status | str | one of the statuses below |
 | message | str | why, when status is not ok; a warning on an ok row (e.g. a wide IQR) |
 | schema_version | int | the version of this schema the file was written with (since 2; a file without it is 1) |
+
+The two floors, measured once per (device, dtype, batch, classes), forward+backward, on the same logits:
+
+| floor | what | the reference of |
+|---|---|---|
+| floor | `torch.exp(z, out=buf)` into one buffer kept across calls | in-place implementations (`inplace_backward`): they write no new tensor either |
+| floor-alloc | `torch.exp(z)` into a new tensor every call: allocation and first touch of fresh pages included | every other implementation: it allocates its gradient |
+
+`floor_for(implementation)` names an implementation's floor.
 
 Statuses:
 
@@ -47,12 +61,11 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
+from lsr.bench.files import atomic_write as atomic_write  # re-exported: the summary writes with it
 from lsr.types import DEVICES, DTYPES, SMOOTHING_KINDS
 
 # --- the benchmark's vocabulary: every other module of lsr.bench imports it from here ----------------
@@ -62,10 +75,23 @@ Status = Literal["ok", "failed", "error", "oom", "crashed", "skipped", "unsuppor
 PASSES: tuple[Pass, ...] = get_args(Pass)
 STATUSES: tuple[Status, ...] = get_args(Status)
 FLOOR = "floor"  # the implementation name (and smoothing kind) of torch.exp(z, out=buf) on the same logits
+FLOOR_ALLOC = "floor-alloc"  # torch.exp(z) into a new tensor each call; its smoothing kind is FLOOR too
+FLOORS = (FLOOR, FLOOR_ALLOC)
 KINDS = (*SMOOTHING_KINDS, FLOOR)
-CASE_KEY = ("implementation", "device", "dtype", "batch", "classes", "smoothing", "pass")
+CASE_KEY = (
+    "implementation",
+    "device",
+    "dtype",
+    "batch",
+    "classes",
+    "smoothing",
+    "pass",
+    "ignore_fraction",
+    "weighted",
+)
+IGNORE_INDEX = -100  # the target value of an ignored row (F.cross_entropy's default)
 RESULTS_FILE, METADATA_FILE = "results.csv", "metadata.json"
-SCHEMA_VERSION = 2  # of results.csv and metadata.json; raise it with every column or status added
+SCHEMA_VERSION = 3  # of results.csv and metadata.json; raise it with every column or status added
 # Other processes using more than this fraction of the machine's CPU time during a case make it busy.
 BUSY_LOAD = 0.10
 
@@ -81,13 +107,15 @@ class Case:
     classes: int
     smoothing: float
     pass_: Pass
+    ignore_fraction: float = 0.0  # of the targets, set to IGNORE_INDEX
+    weighted: bool = False  # class weights on
 
     def key(self) -> tuple:
         return case_key(self.as_dict())
 
     @property
     def is_floor(self) -> bool:
-        return self.implementation == FLOOR
+        return self.implementation in FLOORS
 
     def as_dict(self) -> dict:
         row = asdict(self)
@@ -97,6 +125,24 @@ class Case:
     @classmethod
     def of_row(cls, row: dict) -> Case:
         return cls(*case_key(row))
+
+
+def floor_for(implementation) -> str:
+    """The floor an implementation (a registry entry or its name) is a multiple of: FLOOR for one that
+    writes its gradient into the logits (`inplace_backward`), FLOOR_ALLOC for every other, and for a
+    name the registry does not know. A floor's floor is itself.
+
+    Example:
+        >>> floor_for("fused-exact-inplace"), floor_for("native"), floor_for(FLOOR), floor_for("unknown")
+        ('floor', 'floor-alloc', 'floor', 'floor-alloc')
+    """
+    from lsr.registry import REGISTRY  # lsr.bench.results is read by tools that need no loss
+
+    name = implementation if isinstance(implementation, str) else implementation.name
+    if name in FLOORS:
+        return name
+    impl = REGISTRY.get(name) if isinstance(implementation, str) else implementation
+    return FLOOR if impl is not None and impl.inplace_backward else FLOOR_ALLOC
 
 
 def case_key(row: dict) -> tuple:
@@ -131,8 +177,11 @@ COLUMNS = {
     "classes": int,
     "smoothing": float,
     "pass": str,
+    "ignore_fraction": float,
+    "weighted": bool,
     "median_s": float,
     "iqr_s": float,
+    "first_call_s": float,
     "runs": int,
     "threads": int,
     "min_time": float,
@@ -140,6 +189,8 @@ COLUMNS = {
     "peak_bytes": int,
     "peak_rss_bytes": int,
     "logits_bytes": int,
+    "bandwidth_bytes_per_s": float,
+    "bandwidth_fraction": float,
     "max_rel_error": float,
     "other_load": float,
     "busy": bool,
@@ -150,17 +201,22 @@ COLUMNS = {
 OPTIONAL = {
     "median_s",
     "iqr_s",
+    "first_call_s",
     "runs",
     "threads",
     "peak_bytes",
     "peak_rss_bytes",
     "max_rel_error",
+    "bandwidth_bytes_per_s",
+    "bandwidth_fraction",
     "min_time",
     "logit_std",
     "other_load",
     "busy",
     "message",
 }
+# Case columns added after version 1, and what a case written without them is.
+CASE_DEFAULTS = {"ignore_fraction": 0.0, "weighted": False}
 # Columns added after version 1, and what a row of a file written without them reads as.
 ADDED_LATER = {
     "min_time": None,
@@ -168,55 +224,16 @@ ADDED_LATER = {
     "other_load": None,
     "busy": None,
     "schema_version": 1,
+    **CASE_DEFAULTS,
+    "first_call_s": None,
+    "bandwidth_bytes_per_s": None,
+    "bandwidth_fraction": None,
 }
 BOOLEANS = {"True": True, "true": True, "1": True, "False": False, "false": False, "0": False}
 
 
 class SchemaError(ValueError):
     """A results file that does not follow the documented schema."""
-
-
-def _umask() -> int:
-    try:  # Linux says it; elsewhere reading it means setting it, which races with other threads
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
-    except (OSError, StopIteration):
-        mask = os.umask(0o022)
-        os.umask(mask)
-        return mask
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename in `directory` durable; best effort (some systems cannot open a directory)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write through a temporary file and rename, so a reader never sees half a file, even after a
-    power loss (the file is synced before the rename, the directory after). The file gets the
-    permissions of any new file (0o666 less the umask), not mkstemp's private 0o600."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    _fsync_directory(path.parent)
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
@@ -277,6 +294,8 @@ def _parse(row: dict, line: int, path: Path, defaults: dict) -> dict:
     for column, allowed in (("device", DEVICES), ("dtype", tuple(DTYPES)), ("smoothing_kind", KINDS)):
         if parsed[column] not in allowed:
             raise SchemaError(f"{path}:{line}: {column} {parsed[column]!r} is not one of {allowed}")
+    if not 0.0 <= parsed["ignore_fraction"] < 1.0:
+        raise SchemaError(f"{path}:{line}: ignore_fraction {parsed['ignore_fraction']} is not in [0, 1)")
     if parsed["status"] == "ok" and not (
         parsed["median_s"] is not None and math.isfinite(parsed["median_s"])
     ):
@@ -350,6 +369,7 @@ def _benchmark_row(bench: dict) -> dict | None:
         return None
     return (
         dict.fromkeys(COLUMNS)
+        | CASE_DEFAULTS
         | info["case"]
         | {
             "median_s": stats["median"],

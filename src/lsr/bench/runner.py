@@ -10,17 +10,13 @@ kills its process costs its row only.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import gc
 import itertools
-import os
 import pickle
-import shlex
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import psutil
 import torch
 from tqdm import tqdm
 
@@ -28,6 +24,7 @@ import lsr
 from lsr.bench import isolate as isolation
 from lsr.bench import measure
 from lsr.bench.environment import OtherLoad, available_bytes, environment
+from lsr.bench.lock import LOCK_FILE, SweepLocked, output_lock
 from lsr.bench.results import (
     BUSY_LOAD,
     FLOOR,
@@ -45,6 +42,7 @@ from lsr.bench.results import (
 from lsr.types import LossFn
 
 __all__ = [
+    "LOCK_FILE",
     "BusyMachineWarning",
     "ResumeRefused",
     "SweepInterrupted",
@@ -56,11 +54,6 @@ __all__ = [
 
 ISOLATION = (None, "case", "size")
 SETTINGS = ("threads", "min_time", "logit_std")  # the columns that change what a row measures
-LOCK_FILE = ".lsr-bench.lock"
-
-
-class SweepLocked(RuntimeError):
-    """Another process is writing a sweep into the same output directory."""
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -117,20 +110,50 @@ def memory_refusal(case: Case, held_bytes: int = 0) -> dict | None:
     }
 
 
+def collect_garbage() -> None:
+    """Free what the last case left in reference cycles: a full collection, after which the survivors
+    are frozen (`gc.freeze`), so that the next looks only at objects made since. A full collection
+    over torch's and its compilers' objects costs about 0.4 s, which once per case was most of a
+    small case's time. `run_sweep` unfreezes them when it ends (a child process just exits)."""
+    gc.collect()
+    gc.freeze()
+
+
+def bandwidth(row: dict, copy_bandwidth: float | None) -> dict:
+    """A forward+backward row's least traffic per second (read the logits, write the gradient), and
+    that as a fraction of the device's copy bandwidth; nothing for other passes."""
+    if row["pass"] != "forward+backward" or not row["median_s"]:
+        return {}
+    achieved = 2 * row["logits_bytes"] / row["median_s"]
+    fraction = achieved / copy_bandwidth if copy_bandwidth else None
+    return {"bandwidth_bytes_per_s": achieved, "bandwidth_fraction": fraction}
+
+
 def measure_case(
-    case: Case, problem: measure.Problem, loss_fn: LossFn | None = None, min_time: float = 0.5
+    case: Case,
+    problem: measure.Problem,
+    loss_fn: LossFn | None = None,
+    min_time: float = 0.5,
+    copy_bandwidth: float | None = None,
 ) -> dict:
-    """One row: gate, time and meter `case`. Never raises for a failing case; the row says what happened."""
+    """One row: gate, time and meter `case`. Never raises for a failing case; the row says what happened.
+
+    The timed pass's first call comes before the gate, so that its time (first_call_s) includes any
+    compilation; a case the gate rejects keeps no time at all. `copy_bandwidth`: the device's, for
+    the row's bandwidth_fraction.
+    """
     row = base_row(case)
     device = torch.device(case.device)
     impl = None if case.is_floor else lsr.get(case.implementation)
     try:
+        timed = measure.Pass(case, problem, impl, loss_fn)
+        first_call_s = measure.timed_call(timed)
         if impl is not None:
             row["max_rel_error"] = measure.check_against_reference(case, problem, impl, loss_fn)
-        timed = measure.Pass(case, problem, impl, loss_fn)
         with OtherLoad(resolution=BUSY_LOAD / 2) as load:
-            timing = measure.time_pass(timed, min_time=min_time)
+            timing = measure.time_pass(timed, min_time=min_time, first_call_s=first_call_s)
         row.update(median_s=timing.median, iqr_s=timing.iqr, runs=timing.runs, threads=timing.threads)
+        row.update(first_call_s=timing.first_call_s, **bandwidth(row, copy_bandwidth))
         if load.fraction is not None:  # else timed too briefly to tell: both stay empty
             row.update(other_load=load.fraction, busy=load.fraction > BUSY_LOAD)
         row["message"] = timing.warning or ""
@@ -143,14 +166,15 @@ def measure_case(
         row.update(failure(e))
     finally:
         timed = None
-        gc.collect()
+        collect_garbage()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return row
 
 
 def _size(case: Case) -> tuple:
-    return (case.device, case.dtype, case.batch, case.classes)
+    """What one set of inputs serves: a size, its ignored targets and its class weights."""
+    return (case.device, case.dtype, case.batch, case.classes, case.ignore_fraction, case.weighted)
 
 
 def measure_cases(
@@ -159,9 +183,12 @@ def measure_cases(
     min_time: float,
     loss_fns: dict[str, LossFn],
     threads: int | None = None,
+    copy_bandwidths: dict[str, float | None] | None = None,
 ) -> Iterator[dict]:
-    """A row per case, in order, each size's inputs made once. The one place cases are measured: in
-    this process, or in an isolated child (hence `threads`: a child starts with torch's default)."""
+    """A row per case, in order, each set of inputs made once. The one place cases are measured: in
+    this process, or in an isolated child (hence `threads`: a child starts with torch's default, and
+    `copy_bandwidths`, by device: the parent's measurement, so that every row of a run shares it)."""
+    copy_bandwidths = copy_bandwidths or {}
     if threads is not None:
         torch.set_num_threads(threads)
     size, problem, problem_error = None, None, None
@@ -169,7 +196,7 @@ def measure_cases(
         why_not = measure.refusal(case)
         if why_not is None and _size(case) != size:
             size, problem, problem_error = _size(case), None, None
-            gc.collect()  # the previous size's inputs go before this size's are weighed and made
+            collect_garbage()  # the previous inputs go before these are weighed and made
         held = 0 if problem is None else case.batch * case.classes * problem.logits.element_size()
         why_not = why_not or memory_refusal(case, held)
         if why_not is None and problem is None and problem_error is None:
@@ -182,19 +209,19 @@ def measure_cases(
         elif problem is None:
             row = base_row(case) | failure(problem_error, "making inputs: ")
         else:
-            row = measure_case(case, problem, loss_fns.get(case.implementation), min_time=min_time)
+            loss_fn, copy_bandwidth = loss_fns.get(case.implementation), copy_bandwidths.get(case.device)
+            row = measure_case(case, problem, loss_fn, min_time=min_time, copy_bandwidth=copy_bandwidth)
         yield row | {"min_time": min_time, "logit_std": logit_std}
 
 
-def isolated_rows(
-    cases: list[Case], logit_std: float, min_time: float, loss_fns: dict[str, LossFn], threads: int
-) -> Iterator[dict]:
+def isolated_rows(cases: list[Case], logit_std: float, min_time: float, *args) -> Iterator[dict]:
     """`measure_cases` in a child process, and in a new one after each death, which costs the case
-    being measured: its row says how the child died (oom on SIGKILL, else crashed)."""
+    being measured: its row says how the child died (oom on SIGKILL, else crashed). `args`: the rest
+    of measure_cases' arguments."""
     left = list(cases)
     while left:
         try:
-            for row in isolation.stream(measure_cases, list(left), logit_std, min_time, loss_fns, threads):
+            for row in isolation.stream(measure_cases, list(left), logit_std, min_time, *args):
                 left.pop(0)  # rows come in the order of the cases
                 yield row
             return
@@ -209,48 +236,10 @@ def _groups(cases: list[Case], isolate: str | None) -> list[list[Case]]:
         return [cases]
     if isolate == "case":
         return [[case] for case in cases]
-    return [list(group) for _, group in itertools.groupby(cases, key=_size)]
+    return [list(group) for _, group in itertools.groupby(cases, key=lambda case: _size(case)[:4])]
 
 
 # --- the output directory: one writer, resume ---------------------------------------------------------
-
-
-def _lock(path: Path) -> int:
-    """A descriptor of `path` holding its exclusive lock; SweepLocked, naming the holder, if taken."""
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process starting up"
-            os.close(fd)
-            raise SweepLocked(
-                f"another sweep is writing to {path.parent}: {holder}; "
-                "wait for it to end or choose another --out"
-            ) from None
-        try:  # a holder that was ending may have removed the file we opened: lock the one there now
-            if os.fstat(fd).st_ino == os.stat(path).st_ino:
-                return fd
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def output_lock(out_dir: Path) -> Iterator[None]:
-    """Hold out_dir for one sweep. The lock file names its holder while it runs and goes with it; the
-    kernel drops the lock however the holder ends, so a file left by a killed one never blocks."""
-    path = out_dir / LOCK_FILE
-    fd = _lock(path)
-    try:
-        command = " ".join(shlex.join(psutil.Process().cmdline()).split())[:300]  # one line
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}: {command}\n".encode(), 0)
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # while still locked, so no one locks the file being removed
-        os.close(fd)  # releases the lock
 
 
 def _row_settings(row: dict, fallback: dict) -> dict:
@@ -279,8 +268,10 @@ def previous_rows(out_dir: Path, cases: list[Case], settings: dict, resume_mixed
 
 
 def _metadata(out_dir: Path, cases: list[Case], settings: dict, resume: bool, **extra) -> dict:
-    devices = sorted({case.device for case in cases})
-    metadata = environment(devices[0] if len(devices) == 1 else ",".join(devices), **extra)
+    """The run's environment (its copy bandwidths measured now, at the sweep's thread count), settings
+    and grid, and the earlier runs' when resuming."""
+    devices = sorted({case.device for case in cases}) or ["cpu"]
+    metadata = environment(",".join(devices), **extra)
     metadata["settings"] = settings
     previous = read_metadata(out_dir) if resume else {}
     if previous:
@@ -363,17 +354,18 @@ def run_sweep(
     measured are kept). Warns (BusyMachineWarning) when other processes used more than BUSY_LOAD of
     the machine while cases were timed: `busy_rows` finds them.
     """
-    cases, loss_fns = list(cases), dict(loss_fns or {})
+    cases, loss_fns = list(dict.fromkeys(cases)), dict(loss_fns or {})  # each case once
     _check_isolation(isolate, loss_fns)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {"threads": torch.get_num_threads(), "min_time": min_time, "logit_std": logit_std}
-    with output_lock(out_dir):
+    with output_lock(out_dir), contextlib.ExitStack() as cleanup:
+        cleanup.callback(gc.unfreeze)  # collect_garbage's freezes
         resuming = resume and (out_dir / RESULTS_FILE).exists()
         rows = previous_rows(out_dir, cases, settings, resume_mixed) if resuming else {}
         todo = [case for case in cases if rows.get(case.key(), {}).get("status") != "ok"]
         metadata = _metadata(out_dir, cases, settings, resuming, preset=preset, grid=grid, isolate=isolate)
         write_metadata(out_dir / METADATA_FILE, metadata)
-        args = (logit_std, min_time, loss_fns, settings["threads"])
+        args = (logit_std, min_time, loss_fns, settings["threads"], metadata["copy_bandwidth_bytes_per_s"])
         _record(rows, todo, out_dir, isolate, args, progress)
     busy = busy_rows([rows[case.key()] for case in todo])
     if busy:

@@ -1,4 +1,5 @@
-"""One table formatter for the console and for Markdown, so every table in lsr reads the same way."""
+"""One table formatter for the console and for Markdown, so every table in lsr reads the same way;
+and the few quantities that tables and chart titles both write (bytes, caches, bandwidth)."""
 
 from __future__ import annotations
 
@@ -51,3 +52,41 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def format_bytes(n: float) -> str:
+    """A size in the largest binary unit that keeps it at least 1, to three significant digits.
+
+    >>> [format_bytes(n) for n in (512, 49152, 2**20, 1.5 * 2**20, 1000 * 2**20, 3 * 2**30)]
+    ['512 B', '48 KiB', '1 MiB', '1.5 MiB', '1000 MiB', '3 GiB']
+    """
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{_significant(n / size)} {unit}"
+    return f"{n:.0f} B"
+
+
+def format_caches(cache_bytes: dict | None, levels: Sequence[str] = ("L2", "L3")) -> str:
+    """The cache sizes a CPU's ratios turn on, compactly; empty where none is known.
+
+    >>> format_caches({"L1d": 49152, "L2": 2**20, "L3": 32 * 2**20})
+    'L2 1 MiB, L3 32 MiB'
+    >>> format_caches({"L1d": 49152, "L2": 2**20}, levels=("L1d", "L2", "L3"))
+    'L1d 48 KiB, L2 1 MiB'
+    """
+    sizes = cache_bytes or {}
+    return ", ".join(f"{level} {format_bytes(sizes[level])}" for level in levels if sizes.get(level))
+
+
+def format_bandwidth(bytes_per_s: float | None) -> str:
+    """Bytes per second as GB/s (10^9, as bandwidths are quoted), three significant digits.
+
+    >>> format_bandwidth(12.34e9), format_bandwidth(4321e9), format_bandwidth(None)
+    ('12.3 GB/s', '4321 GB/s', '')
+    """
+    return "" if not bytes_per_s else f"{_significant(bytes_per_s / 1e9)} GB/s"
+
+
+def _significant(x: float) -> str:
+    """Three significant digits, without an exponent: 4.79, 47.9, 479, 4790."""
+    return f"{x:.3g}" if x < 1000 else f"{x:.0f}"

@@ -21,6 +21,7 @@ from lsr.fused import (
     FusedLSRLoss,
     FusedSparseLSRLoss,
     cpu,
+    cpu_options,
     fused_label_smoothing,
     fused_sparse_label_smoothing,
     set_cpu_backend,
@@ -366,3 +367,23 @@ def test_small_model_trains_under_torch_compile():
             opt.step()
     for p_fused, p_native in zip(models[0].parameters(), models[1].parameters(), strict=True):
         torch.testing.assert_close(p_fused, p_native, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_passes_never_fall_back_to_eager_after_many_variants(caplog):
+    """Nine variants of the statistics pass (dtype x loss x weighting): dynamo's default limit of 8
+    would run the ninth as plain expressions over the whole tensor, silently, with N x C temporaries."""
+    logits, target = random_problem((4, 6), seed=40)
+    weight = torch.rand(6) + 0.5
+    variants = [
+        (d, None, s) for d in (torch.float32, torch.float64, torch.bfloat16, torch.float16) for s in (0, 1)
+    ]
+    with cpu_options("compile"), caplog.at_level("WARNING", logger="torch._dynamo"):
+        for dtype, w, sparse in [*variants, (torch.float32, weight, False)]:
+            z = logits.to(dtype)
+            lse = cpu.row_stats(z, target, w, cpu_acc(dtype), bool(sparse))[0]
+            torch.testing.assert_close(lse, torch.logsumexp(z.to(cpu_acc(dtype)), dim=1))
+    assert "recompile_limit" not in caplog.text
+
+
+def cpu_acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -122,12 +122,24 @@ def _gradient_into_logits(z: torch.Tensor, weight: torch.Tensor | None, lse, p, 
     return z.copy_(_gradient(z, weight, lse, p, r))
 
 
+# Each pass compiles once per dtype, weighting and loss (up to 4 x 2 x 2 variants). At dynamo's default
+# limit of 8, the ninth would silently run the plain expressions on the whole tensor (N x C
+# temporaries); fullgraph=True makes running past this limit an error instead.
+RECOMPILE_LIMIT = 64
+
+
 @functools.cache
 def _compiled(fn):
     # dynamic_threads: always emit an OpenMP region. Otherwise inductor picks serial or parallel
     # loops from the sizes of the first input it compiles for, and its cache hands that choice to
     # every later shape (a first, tiny input made 4096 x 10000 run on one thread: 2x slower).
-    return torch.compile(fn, dynamic=True, options={"cpp.dynamic_threads": True})
+    return torch.compile(
+        fn,
+        dynamic=True,
+        fullgraph=True,
+        recompile_limit=RECOMPILE_LIMIT,
+        options={"cpp.dynamic_threads": True},
+    )
 
 
 # --- entry points ------------------------------------------------------------------------------------

@@ -1,4 +1,9 @@
-"""What the tests share: random inputs, tolerances, and the comparison against the float64 definitions."""
+"""What the tests share: random inputs, tolerances, the comparison against the float64 definitions,
+and pytest run in a child process."""
+
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -50,3 +55,12 @@ def check(fn, ref, logits, target, rtol=None, atol=None, **kwargs):
     assert grad.dtype == logits.dtype and grad.shape == logits.shape
     torch.testing.assert_close(loss.double(), ref_loss, rtol=rtol, atol=atol)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=rtol, atol=atol)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_pytest(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """pytest with `args` in a child process at the repository's root, output captured."""
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

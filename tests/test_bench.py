@@ -3,13 +3,13 @@
 import shutil
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import lsr
+from helpers import run_pytest
 from lsr.bench import measure
 from lsr.bench.cli import main as cli_main
 from lsr.bench.compare import compare
@@ -252,27 +252,14 @@ def test_cli_reports_a_malformed_file_clearly(tmp_path, capsys):
 
 
 def test_pytest_benchmark_json_is_read_by_plot(tmp_path):
-    root = Path(__file__).resolve().parents[1]
     json_path = tmp_path / "run.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            str(root / "benchmarks" / "pytest_suite"),
-            "-k",
-            "N512-C1000 and (native or floor) and not compiled",  # compiling is not what this tests
-            "--benchmark-min-time=0.0005",
-            "--benchmark-max-time=0.01",
-            f"--benchmark-json={json_path}",
-        ],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_pytest(
+        "benchmarks/pytest_suite",
+        "-k",
+        "N512-C1000 and (native or floor) and not compiled",  # compiling is not what this tests
+        "--benchmark-min-time=0.0005",
+        "--benchmark-max-time=0.01",
+        f"--benchmark-json={json_path}",
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert cli_main(["plot", str(json_path), "--out", str(tmp_path / "charts")]) == 0

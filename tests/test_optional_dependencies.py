@@ -3,9 +3,8 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import run_pytest
 
 
 def test_suite_collects_and_skips_the_kernels_without_triton(tmp_path):
@@ -18,22 +17,6 @@ def test_suite_collects_and_skips_the_kernels_without_triton(tmp_path):
         subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True).stdout
         == "ok\n"
     )
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "src/lsr/fused",
-            "tests/test_fused_triton.py",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_pytest("src/lsr/fused", "tests/test_fused_triton.py", env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "skipped" in result.stdout and "error" not in result.stdout.lower()

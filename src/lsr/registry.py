@@ -34,6 +34,10 @@ class Implementation:
     # Writes the gradient into the logits' storage: benchmarks give it its own copy of the logits
     # and skip the backward-only pass (running backward twice on one graph is what it forbids).
     inplace_backward: bool = False
+    # Computes the gradient in its forward pass and writes it over the logits there (the one-pass
+    # mode): benchmarks give every call its own logits, take the reference from a copy made before
+    # the call, and skip the backward-only pass.
+    gradient_in_forward: bool = False
     # Can run backward more than once through one graph (retain_graph=True): the benchmark's
     # backward-only pass needs it. In-place losses cannot; neither can a torch.compile'd graph,
     # whose donated buffers are freed by the first backward.
@@ -48,7 +52,7 @@ class Implementation:
     @property
     def can_repeat_backward(self) -> bool:
         """Whether backward may run twice through one graph (the benchmark's backward-only pass)."""
-        return self.repeatable_backward and not self.inplace_backward
+        return self.repeatable_backward and not (self.inplace_backward or self.gradient_in_forward)
 
     @property
     def reference(self) -> LossFn:

@@ -1,6 +1,6 @@
 """Results data: one tidy CSV per run (a row per case) and a JSON file describing the machine.
 
-Schema of `results.csv` (version 3, validated by `read_rows`):
+Schema of `results.csv` (version 4, validated by `read_rows`):
 
 | column | type | meaning |
 |---|---|---|
@@ -14,6 +14,9 @@ Schema of `results.csv` (version 3, validated by `read_rows`):
 | ignore_fraction | float | the fraction of targets set to ignore_index (-100), as padding does; floors: 0 (since 3; older files read 0) |
 | weighted | bool | class weights on: random positive weights, fixed seed; floors: False (since 3; older files read False) |
 | median_s, iqr_s | float | median and interquartile range of one call, seconds (empty unless status is ok) |
+| timer | str | what median_s was read from: "perf_counter" (the host clock around calls that synchronise the device) or "cuda-events" (CUDA events around each call on the device); older files read "perf_counter" (since 4) |
+| wall_median_s | float | the median of one call by the host clock with the device synchronised, kept beside CUDA events as a cross-check; empty where it is median_s itself (perf_counter) (since 4) |
+| host_s | float | median host time to enqueue one call, without waiting for the device: a case whose host_s is close to median_s is launch-bound (CUDA; empty on CPU, where calls run synchronously) (since 4) |
 | first_call_s | float | the timed pass's first call, seconds, made before the gate: compilation, autotuning and warm-up included where this process meets them first (e.g. a compiled implementation's first case of a dtype); the median excludes it (since 3) |
 | runs, threads | int | calls timed, and torch's intra-op thread count |
 | min_time, logit_std | float | the run's timing budget per case (s) and the logits' standard deviation (since 2) |
@@ -27,6 +30,7 @@ Schema of `results.csv` (version 3, validated by `read_rows`):
 | busy | bool | other_load above BUSY_LOAD (0.10): the time may be inflated; the status stays ok (since 2) |
 | status | str | one of the statuses below |
 | message | str | why, when status is not ok; a warning on an ok row (e.g. a wide IQR) |
+| machine | str | the machine's stable name, `lsr.bench.environment.machine_name()` (e.g. "epyc-2c-avx2"): merged results from several machines are told apart by it; older files read "" (since 4) |
 | schema_version | int | the version of this schema the file was written with (since 2; a file without it is 1) |
 
 The two floors, measured once per (device, dtype, batch, classes), forward+backward, on the same logits:
@@ -91,7 +95,7 @@ CASE_KEY = (
 )
 IGNORE_INDEX = -100  # the target value of an ignored row (F.cross_entropy's default)
 RESULTS_FILE, METADATA_FILE = "results.csv", "metadata.json"
-SCHEMA_VERSION = 3  # of results.csv and metadata.json; raise it with every column or status added
+SCHEMA_VERSION = 4  # of results.csv and metadata.json; raise it with every column or status added
 # Other processes using more than this fraction of the machine's CPU time during a case make it busy.
 BUSY_LOAD = 0.10
 
@@ -129,7 +133,7 @@ class Case:
 
 def floor_for(implementation) -> str:
     """The floor an implementation (a registry entry or its name) is a multiple of: FLOOR for one that
-    writes its gradient into the logits (`inplace_backward`), FLOOR_ALLOC for every other, and for a
+    writes its gradient into the logits (`inplace_backward` or `gradient_in_forward`), FLOOR_ALLOC for every other, and for a
     name the registry does not know. A floor's floor is itself.
 
     Example:
@@ -142,7 +146,8 @@ def floor_for(implementation) -> str:
     if name in FLOORS:
         return name
     impl = REGISTRY.get(name) if isinstance(implementation, str) else implementation
-    return FLOOR if impl is not None and impl.inplace_backward else FLOOR_ALLOC
+    writes_logits = impl is not None and (impl.inplace_backward or impl.gradient_in_forward)
+    return FLOOR if writes_logits else FLOOR_ALLOC
 
 
 def case_key(row: dict) -> tuple:
@@ -157,8 +162,10 @@ def new_row(case: Case, smoothing_kind: str) -> dict:
     return row | {
         "smoothing_kind": smoothing_kind,
         "logits_bytes": logits_bytes,
+        "timer": "perf_counter",
         "status": "ok",
         "message": "",
+        "machine": "",
         "schema_version": SCHEMA_VERSION,
     }
 
@@ -181,6 +188,9 @@ COLUMNS = {
     "weighted": bool,
     "median_s": float,
     "iqr_s": float,
+    "timer": str,
+    "wall_median_s": float,
+    "host_s": float,
     "first_call_s": float,
     "runs": int,
     "threads": int,
@@ -196,10 +206,15 @@ COLUMNS = {
     "busy": bool,
     "status": str,
     "message": str,
+    "machine": str,
     "schema_version": int,
 }
 OPTIONAL = {
     "median_s",
+    "timer",
+    "wall_median_s",
+    "host_s",
+    "machine",
     "iqr_s",
     "first_call_s",
     "runs",
@@ -228,6 +243,10 @@ ADDED_LATER = {
     "first_call_s": None,
     "bandwidth_bytes_per_s": None,
     "bandwidth_fraction": None,
+    "timer": "perf_counter",
+    "wall_median_s": None,
+    "host_s": None,
+    "machine": "",
 }
 BOOLEANS = {"True": True, "true": True, "1": True, "False": False, "false": False, "0": False}
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 import lsr
 from lsr.bench import isolate as isolation
 from lsr.bench import measure
-from lsr.bench.environment import OtherLoad, available_bytes, environment
+from lsr.bench.environment import OtherLoad, available_bytes, environment, machine_name
 from lsr.bench.lock import LOCK_FILE, SweepLocked, output_lock
 from lsr.bench.results import (
     BUSY_LOAD,
@@ -88,7 +88,7 @@ def is_out_of_memory(error: BaseException) -> bool:
 def base_row(case: Case) -> dict:
     """The row of `case` before anything is measured, with the settings it is measured under."""
     kind = FLOOR if case.is_floor else lsr.get(case.implementation).smoothing_kind
-    return new_row(case, kind) | {"threads": torch.get_num_threads()}
+    return new_row(case, kind) | {"threads": torch.get_num_threads(), "machine": machine_name()}
 
 
 def failure(error: BaseException, context: str = "") -> dict:

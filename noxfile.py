@@ -19,7 +19,7 @@ def tests(session: nox.Session) -> None:
     """The test suite; Triton kernels (lsr's and Liger-Kernel's, the `peers` extra) run on CPU under
     TRITON_INTERPRET=1."""
     session.install(*PINNED, "-e", ".[tests,triton,benchmarking,experiments,peers]")
-    session.run("pytest", *(session.posargs or ["-q"]), env={"TRITON_INTERPRET": "1"})
+    session.run("pytest", *(session.posargs or ["-q"]), env={"TRITON_INTERPRET": "1", "LSR_ONEPASS_CPP": "1"})
 
 
 @nox.session
@@ -36,13 +36,32 @@ def bench(session: nox.Session) -> None:
     session.run("lsr-bench", "run", *session.posargs)
 
 
+# A benchmark `asv continuous` calls slower by more than this ratio fails the session: measured
+# noise between two runs of one commit reached 1.25x on a busy 2-core host (README, "History").
+ASV_FACTOR = "1.5"
+
+
 @nox.session
 def asv(session: nox.Session) -> None:
-    """asv over commits (default: `asv run HEAD^!`), then `asv publish`; other asv arguments after --."""
-    session.install(*PINNED, "asv", "virtualenv")
-    session.run("asv", "machine", "--yes")
-    session.run("asv", *(session.posargs or ["run", "HEAD^!"]))
-    session.run("asv", "publish")
+    """asv over commits under this host's machine name (`python -m lsr.bench.history machine`).
+
+    nox -s asv                              # asv run HEAD^!, then asv publish (.asv/html)
+    nox -s asv -- run --steps 8 ALL         # the backfill of results/asv
+    nox -s asv -- continuous main HEAD      # fails when a benchmark slows by more than ASV_FACTOR
+    """
+    session.install(*PINNED, "-e", ".[benchmarking]")
+    machine = (
+        session.run("python", "-m", "lsr.bench.history", "machine", silent=True).strip().splitlines()[-1]
+    )
+    command, *rest = session.posargs or ["run", "HEAD^!"]
+    if command in ("run", "continuous", "compare") and "--machine" not in rest:
+        rest = ["--machine", machine, *rest]
+    if command == "continuous" and not any(a.startswith(("--factor", "-f")) for a in rest):
+        rest = ["--factor", ASV_FACTOR, *rest]
+    session.run("asv", command, *rest)
+    if command == "run":
+        session.run("asv", "publish")
+        session.run("python", "-m", "lsr.bench.history", "chart", "results/asv", "--out", "results/history")
 
 
 @nox.session

@@ -1,5 +1,6 @@
 """Fixtures: registered implementations, the fused losses' CPU backends, poisoned allocations."""
 
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -12,8 +13,9 @@ from lsr.fused import cpu_options
 from lsr.peers import NAMES as PEERS
 
 # The Triton kernels run on CPU tensors only under the interpreter, which must be chosen before
-# Triton is imported (the nox tests session sets it too).
-if "triton" not in sys.modules:
+# Triton is imported (the nox tests session sets it too). Not where CUDA is present: there the
+# kernels run compiled, and the interpreter would take their CUDA launches too.
+if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 TRITON_INTERPRETER = (
     importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1"
@@ -22,6 +24,17 @@ TRITON_INTERPRETER = (
 # The ways lsr.fused runs on CPU: chunked eager PyTorch, inductor-compiled, and the Triton kernels
 # (interpreted; small blocks so that rows of a few dozen classes take the multi-block paths).
 CPU_BACKENDS = ["eager", "compile", "triton"]
+
+# The devices the loss tests run on: the CPU always, CUDA where present. On CUDA the fused losses run
+# their compiled Triton kernels, so run there with TRITON_INTERPRET=0 (benchmarks/gpu/run.sh does):
+# with the interpreter on, they would be interpreted again (tests/test_cuda.py fails then).
+TEST_DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.fixture(params=TEST_DEVICES)
+def device(request) -> str:
+    """Each device in TEST_DEVICES; a test moves its inputs there."""
+    return request.param
 
 
 def cpu_implementations() -> list[lsr.Implementation]:
@@ -32,7 +45,14 @@ def cpu_implementations() -> list[lsr.Implementation]:
 
 @pytest.fixture(params=[impl.name for impl in cpu_implementations()])
 def impl(request) -> lsr.Implementation:
-    return lsr.get(request.param)
+    """A registered implementation. A one-pass one (gradient_in_forward) gets each call's logits as a
+    layer's output (`input * 1`): it refuses leaves, and it overwrites what it is given, so the
+    caller's tensor, from which the tests take their references, stays as it was."""
+    impl = lsr.get(request.param)
+    if not impl.gradient_in_forward:
+        return impl
+    loss = impl.loss
+    return dataclasses.replace(impl, loss=lambda input, *args, **kwargs: loss(input * 1, *args, **kwargs))
 
 
 @pytest.fixture

@@ -30,10 +30,16 @@ def random_problem(shape, scale=1.0, dtype=torch.float32, ignore_fraction=0.0, s
 
 
 def loss_and_grad(fn, logits, target, **kwargs):
-    """Loss and d(sum(loss * u))/d(logits) for a fixed random u, so 'none' gets a non-trivial backward."""
+    """Loss and d(sum(loss * u))/d(logits) for a fixed random u, so 'none' gets a non-trivial backward.
+
+    Each call gets its own copy of the logits, passed as a layer's output (`x * 1`), not a leaf: the
+    in-place and one-pass modes refuse leaves, and the one-pass mode overwrites what it is given.
+    """
     x = logits.detach().clone().requires_grad_(True)
-    out = fn(x, target, **kwargs)
+    out = fn(x * 1, target, **kwargs)
+    # Made on the CPU (one seed for every device), then moved to the loss's device.
     upstream = torch.rand(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5
+    upstream = upstream.to(out.device)
     (out.double() * upstream).sum().backward()
     return out.detach(), x.grad
 

@@ -315,3 +315,15 @@ def test_rows_measured_on_a_busy_machine_are_reported(tmp_path, capsys, monkeypa
     code, _, err = run_cli(["run", *TINY, "--no-progress", "--out", str(tmp_path)], capsys)
     assert code == 0
     assert "lsr-bench: warning: 2 of 5 rows were measured while other processes loaded" in err
+
+
+def test_a_launch_without_torchruns_variables_is_refused_in_one_line(tmp_path, capsys, monkeypatch, sweeps):
+    for name in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = run_cli(["run", *TINY, "--out", str(tmp_path)], capsys)
+    assert code == 2 and sweeps == []
+    assert (
+        err
+        == "lsr-bench: WORLD_SIZE is 2 but RANK, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT not set: launch with torchrun\n"
+    )

@@ -15,7 +15,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 import lsr
-from conftest import CPU_BACKENDS
+from conftest import CPU_BACKENDS, TEST_DEVICES
 from helpers import REDUCTIONS, check, plain_grad, random_problem
 from lsr.fused import (
     FusedLSRLoss,
@@ -37,28 +37,43 @@ def both(sparse: bool):
     )
 
 
+# (device, backend): every CPU backend on the CPU; on CUDA, where present, the compiled Triton kernels
+# (the CPU backend chosen there changes nothing).
+DEVICE_BACKENDS = [("cpu", name) for name in CPU_BACKENDS] + [
+    (device, "eager") for device in TEST_DEVICES if device != "cpu"
+]
+EAGER_AND_DEVICES = [(device, "eager") for device in TEST_DEVICES]
+
+
+def on(device, *tensors):
+    """`tensors` moved to `device`."""
+    return [t.to(device) for t in tensors]
+
+
 # --- agreement with the float64 definitions: wide, on the eager backend ------------------------------
 
 
 @pytest.mark.usefixtures("poisoned_empty")
-@pytest.mark.parametrize("backend", ["eager"], indirect=True)
+@pytest.mark.parametrize("device,backend", EAGER_AND_DEVICES, indirect=["backend"])
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("shape", [(7, 5), (4, 3, 6), (3, 4, 2, 5), (6,)])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 1.0])
 @pytest.mark.parametrize("scale", [0.1, 1.0, 8.0])
-def test_matches_reference(backend, sparse, shape, reduction, smoothing, scale):
+def test_matches_reference(device, backend, sparse, shape, reduction, smoothing, scale):
     fn, ref = both(sparse)
-    logits, target = random_problem(shape, scale=scale, ignore_fraction=0.2 if len(shape) > 1 else 0)
+    problem = random_problem(shape, scale=scale, ignore_fraction=0.2 if len(shape) > 1 else 0)
+    logits, target = on(device, *problem)
     check(fn, ref, logits, target, atol=1e-5 * scale, smoothing=smoothing, reduction=reduction)
 
 
 @pytest.mark.usefixtures("poisoned_empty")
-@pytest.mark.parametrize("backend", ["eager"], indirect=True)
+@pytest.mark.parametrize("device,backend", EAGER_AND_DEVICES, indirect=["backend"])
 @pytest.mark.parametrize("num_classes", [2, 3, 257, 70_000])
-def test_class_counts(backend, num_classes):
+def test_class_counts(device, backend, num_classes):
     logits, target = random_problem((3, num_classes), scale=3.0, seed=num_classes)
     weight = torch.rand(num_classes, generator=torch.Generator().manual_seed(1)) + 0.5
+    logits, target, weight = on(device, logits, target, weight)
     for reduction in REDUCTIONS:
         check(fused_label_smoothing, exact_reference, logits, target, smoothing=0.2, reduction=reduction)
         check(
@@ -95,22 +110,23 @@ def test_gradcheck_float64(backend, shape):
 
 
 @pytest.mark.usefixtures("poisoned_empty")
-@pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS, indirect=["backend"])
 @pytest.mark.parametrize("sparse", [False, True])
-def test_backends_match_reference(backend, sparse):
+def test_backends_match_reference(device, backend, sparse):
     fn, ref = both(sparse)
     for shape in [(7, 5), (5, 37), (3, 40, 2)]:
-        logits, target = random_problem(shape, scale=2.0, ignore_fraction=0.2, seed=shape[1])
+        logits, target = on(device, *random_problem(shape, scale=2.0, ignore_fraction=0.2, seed=shape[1]))
         for reduction in REDUCTIONS:
             for smoothing in (0.0, 0.3):
                 check(fn, ref, logits, target, smoothing=smoothing, reduction=reduction)
 
 
 @pytest.mark.usefixtures("poisoned_empty")
-@pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
-def test_backends_with_weights_and_other_dtypes(backend):
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS, indirect=["backend"])
+def test_backends_with_weights_and_other_dtypes(device, backend):
     logits, target = random_problem((9, 37, 2), scale=2.0, ignore_fraction=0.3, seed=4)
     weight = torch.rand(37, generator=torch.Generator().manual_seed(5)) + 0.1
+    logits, target, weight = on(device, logits, target, weight)
     for reduction in REDUCTIONS:
         check(
             fused_label_smoothing,
@@ -135,11 +151,11 @@ def test_backends_with_weights_and_other_dtypes(backend):
             check(fn, ref, logits.to(dtype), target, smoothing=0.1, reduction="none")
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS, indirect=["backend"])
 @pytest.mark.parametrize("sparse", [False, True])
-def test_inplace_backward_leaves_the_gradient_in_the_logits(backend, sparse):
+def test_inplace_backward_leaves_the_gradient_in_the_logits(device, backend, sparse):
     fn, ref = both(sparse)
-    logits, target = random_problem((8, 37), scale=2.0, ignore_fraction=0.2, seed=20)
+    logits, target = on(device, *random_problem((8, 37), scale=2.0, ignore_fraction=0.2, seed=20))
     ref_grad = plain_grad(ref, logits.double(), target, smoothing=0.3, reduction="mean")
     x = logits.clone().requires_grad_(True) * 1  # a layer's output
     (grad,) = torch.autograd.grad(fn(x, target, 0.3, "mean", inplace_backward=True), x)
@@ -157,12 +173,12 @@ def test_inplace_is_caught_when_another_op_saved_the_logits(backend):
         loss.backward()
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
-def test_masked_classes_at_minus_infinity(backend):
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS, indirect=["backend"])
+def test_masked_classes_at_minus_infinity(device, backend):
     """A -inf logit (a masked class) gives plain cross-entropy's finite loss at smoothing 0."""
     logits, target = random_problem((5, 40), seed=23)
     logits[:, -20:] = float("-inf")  # with the Triton backend's blocks of 16: one block all -inf
-    target = target.clamp(max=19)
+    logits, target = on(device, logits, target.clamp(max=19))
     x, y = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
     ours, theirs = fused_label_smoothing(x, target), F.cross_entropy(y, target)
     torch.testing.assert_close(ours, theirs)
@@ -171,15 +187,15 @@ def test_masked_classes_at_minus_infinity(backend):
     torch.testing.assert_close(x.grad, y.grad)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
-def test_sparse_is_accurate_on_confident_rows(backend):
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS, indirect=["backend"])
+def test_sparse_is_accurate_on_confident_rows(device, backend):
     """1 - p_y comes from the non-target terms, so float32 keeps its digits as p_y -> 1 (forming it from
     log p_y = z_y - lse lost them: 1.6811 against 1.5166 on the first row)."""
     logits = torch.randn(4, 40, generator=torch.Generator().manual_seed(28))
     logits[0, :3] = torch.tensor([20.0, 5.0, 4.0])
     logits[0, 3:] = float("-inf")
     logits[1, 0], logits[2, 39], logits[3, 17] = 40.0, 30.0, 25.0  # 1 - p_y from 1e-16 to 1e-9
-    target = torch.tensor([0, 0, 39, 17])
+    logits, target = on(device, logits, torch.tensor([0, 0, 39, 17]))
     check(
         fused_sparse_label_smoothing,
         sparse_reference,
@@ -311,8 +327,9 @@ def test_inplace_backward_refuses_leaf_logits():
 # --- edge cases, API --------------------------------------------------------------------------------
 
 
-def test_non_contiguous_input():
-    logits, target = random_problem((6, 9), seed=24)
+@pytest.mark.parametrize("device", TEST_DEVICES)
+def test_non_contiguous_input(device):
+    logits, target = on(device, *random_problem((6, 9), seed=24))
     transposed = logits.t().contiguous().t()
     check(fused_label_smoothing, exact_reference, transposed, target, smoothing=0.1, reduction="none")
 

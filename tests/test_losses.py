@@ -24,6 +24,14 @@ def impl(impl):
     return dataclasses.replace(impl, loss=lambda input, *args, **kwargs: loss(input * 1, *args, **kwargs))
 
 
+def on(device, impl, *tensors):
+    """`tensors` moved to `device` (the conftest fixture: the CPU, and CUDA where present); the test is
+    skipped where `impl` does not run there."""
+    if not impl.runs_on(device):
+        pytest.skip(f"{impl.name} does not run on {device} here")
+    return [t.to(device) for t in tensors]
+
+
 def assert_matches_reference(impl, logits, target, rtol, atol, **kwargs):
     check(impl.loss, impl.reference, logits, target, rtol=rtol, atol=atol, **kwargs)
 
@@ -32,27 +40,29 @@ def assert_matches_reference(impl, logits, target, rtol, atol, **kwargs):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.7, 1.0])
 @pytest.mark.parametrize("scale", [0.1, 1.0, 20.0])
-def test_matches_float64_reference(impl, shape, reduction, smoothing, scale):
+def test_matches_float64_reference(impl, device, shape, reduction, smoothing, scale):
     if impl.name == "sparse" and scale > 5:
         pytest.skip("eager equation 15 is ill-conditioned as p_y -> 1: test_sparse_error_on_confident_rows")
-    logits, target = random_problem(shape, scale=scale, ignore_fraction=0.2 if len(shape) > 1 else 0)
+    problem = random_problem(shape, scale=scale, ignore_fraction=0.2 if len(shape) > 1 else 0)
+    logits, target = on(device, impl, *problem)
     assert_matches_reference(
         impl, logits, target, rtol=1e-5, atol=1e-5 * scale, smoothing=smoothing, reduction=reduction
     )
 
 
 @pytest.mark.parametrize("num_classes", [2, 3, 100, 1000, 50_000])
-def test_class_counts(impl, num_classes):
-    logits, target = random_problem((4, num_classes), scale=3.0, seed=num_classes)
+def test_class_counts(impl, device, num_classes):
+    logits, target = on(device, impl, *random_problem((4, num_classes), scale=3.0, seed=num_classes))
     for reduction in REDUCTIONS:
         assert_matches_reference(
             impl, logits, target, rtol=1e-5, atol=1e-5, smoothing=0.2, reduction=reduction
         )
 
 
-def test_ignore_index_values(impl):
+def test_ignore_index_values(impl, device):
     """A custom ignore_index; ignored elements give 0 and leave the mean's denominator."""
-    logits, target = random_problem((9, 4, 3), ignore_fraction=0.4, ignore_index=2, seed=3)
+    problem = random_problem((9, 4, 3), ignore_fraction=0.4, ignore_index=2, seed=3)
+    logits, target = on(device, impl, *problem)
     kwargs = dict(smoothing=0.3, ignore_index=2)
     assert_matches_reference(impl, logits, target, rtol=1e-5, atol=1e-6, reduction="mean", **kwargs)
     per_element = impl.loss(logits, target, reduction="none", **kwargs)
@@ -61,11 +71,11 @@ def test_ignore_index_values(impl):
     torch.testing.assert_close(mean, per_element.sum() / (target != 2).sum())
 
 
-def test_weights(impl):
+def test_weights(impl, device):
     if not impl.supports_weight:
         pytest.skip(f"{impl.name} takes no class weights")
-    logits, target = random_problem((8, 6, 2), ignore_fraction=0.2, seed=4)
     weight = torch.rand(6, generator=torch.Generator().manual_seed(5)) + 0.1
+    logits, target, weight = on(device, impl, *random_problem((8, 6, 2), ignore_fraction=0.2, seed=4), weight)
     for reduction in REDUCTIONS:
         assert_matches_reference(
             impl, logits, target, rtol=1e-5, atol=1e-6, smoothing=0.25, reduction=reduction, weight=weight
@@ -76,8 +86,10 @@ def test_weights(impl):
 
 @pytest.mark.parametrize("shape", [(5, 3), (2, 4, 3)])
 def test_gradcheck_float64(impl, shape):
-    if impl.inplace_backward:
-        pytest.skip("gradcheck runs backward repeatedly through one graph, which in-place forbids")
+    if not impl.can_repeat_backward:
+        pytest.skip(
+            "gradcheck runs backward repeatedly through one graph, which the in-place and one-pass modes forbid"
+        )
     logits, target = random_problem(shape, dtype=torch.float64, ignore_fraction=0.2, seed=6)
     for reduction in REDUCTIONS:
         x = logits.clone().requires_grad_(True)
@@ -91,22 +103,23 @@ def test_zero_smoothing_is_cross_entropy(impl):
         torch.testing.assert_close(impl.loss(logits, target, 0.0, reduction), expected)
 
 
-def test_empty_batch_behaves_like_cross_entropy(impl):
-    logits, target = torch.randn(0, 5), torch.zeros(0, dtype=torch.long)
+def test_empty_batch_behaves_like_cross_entropy(impl, device):
+    logits, target = on(device, impl, torch.randn(0, 5), torch.zeros(0, dtype=torch.long))
     for reduction in REDUCTIONS:
         expected = F.cross_entropy(logits, target, reduction=reduction, label_smoothing=0.1)
         torch.testing.assert_close(impl.loss(logits, target, 0.1, reduction), expected, equal_nan=True)
 
 
-def test_all_ignored_mean_is_nan_like_cross_entropy(impl):
-    logits, target = torch.randn(3, 4), torch.full((3,), -100)
+def test_all_ignored_mean_is_nan_like_cross_entropy(impl, device):
+    logits, target = on(device, impl, torch.randn(3, 4), torch.full((3,), -100))
     assert torch.isnan(impl.loss(logits, target, 0.1, "mean"))
     assert impl.loss(logits, target, 0.1, "sum") == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_close_to_float64(impl, dtype):
-    logits, target = random_problem((16, 40, 3), scale=4.0, dtype=dtype, ignore_fraction=0.1, seed=8)
+def test_half_precision_close_to_float64(impl, device, dtype):
+    problem = random_problem((16, 40, 3), scale=4.0, dtype=dtype, ignore_fraction=0.1, seed=8)
+    logits, target = on(device, impl, *problem)
     for reduction in REDUCTIONS:
         assert_matches_reference(
             impl, logits, target, rtol=2e-2, atol=2e-2, smoothing=0.1, reduction=reduction
@@ -114,11 +127,11 @@ def test_half_precision_close_to_float64(impl, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_extreme_logits_stay_finite(impl, dtype):
+def test_extreme_logits_stay_finite(impl, device, dtype):
     gen = torch.Generator().manual_seed(9)
     signs = torch.randint(0, 2, (8, 6), generator=gen) * 2 - 1
     logits = (signs * 1e4 + torch.randn(8, 6, generator=gen)).to(dtype)  # +-1e4, not all equal
-    target = torch.randint(0, 6, (8,), generator=gen)
+    logits, target = on(device, impl, logits, torch.randint(0, 6, (8,), generator=gen))
     loss, grad = loss_and_grad(impl.loss, logits, target, smoothing=0.1, reduction="none")
     if impl.name == "native" and dtype == torch.float16:
         # PyTorch's own arithmetic (kept as is): it sums float16 log-probabilities, -2e4 each, past
@@ -204,7 +217,7 @@ def test_double_backward(impl, dtype):
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
-def test_masked_classes_and_zero_weight_means_like_cross_entropy(impl, smoothing):
+def test_masked_classes_and_zero_weight_means_like_cross_entropy(impl, device, smoothing):
     """A -inf logit (a masked class; its 0 x -inf at smoothing 0 is 0), and a mean over targets whose
     weights are all 0 (0/0: NaN, gradient included): F.cross_entropy's answers, loss and gradient."""
     if impl.smoothing_kind != "exact":
@@ -213,6 +226,7 @@ def test_masked_classes_and_zero_weight_means_like_cross_entropy(impl, smoothing
     logits[:, 4] = float("-inf")
     target = torch.where(target == 4, 3, target)
     zero_for_targets = torch.ones(5, dtype=torch.float64).index_fill(0, target[target >= 0], 0.0)
+    logits, target, zero_for_targets = on(device, impl, logits, target, zero_for_targets)
     cases = [{}, {"weight": zero_for_targets}] if impl.supports_weight else [{}]
     for kwargs in cases:
         for reduction in REDUCTIONS:

@@ -74,7 +74,8 @@ def test_floor_for_names_an_implementations_floor():
     assert [floor_for(name) for name in FLOORS] == list(FLOORS)
     assert floor_for("not-registered") == FLOOR_ALLOC
     for impl in lsr.REGISTRY.values():
-        assert floor_for(impl.name) == (FLOOR if impl.inplace_backward else FLOOR_ALLOC)
+        writes_logits = impl.inplace_backward or impl.gradient_in_forward
+        assert floor_for(impl.name) == (FLOOR if writes_logits else FLOOR_ALLOC)
 
 
 # --- B, C. bandwidth and first calls ------------------------------------------------------------------
@@ -236,11 +237,12 @@ def garbage_in_forward(input, target, smoothing, reduction="mean", ignore_index=
     return loss
 
 
-def test_the_gate_gives_a_loss_that_overwrites_its_logits_in_forward_fresh_copies():
+@pytest.mark.parametrize("flag", ["inplace_backward", "gradient_in_forward"])
+def test_the_gate_gives_a_loss_that_overwrites_its_logits_in_forward_fresh_copies(flag):
     case = padded_case("native")
     problem = measure.Problem.make(case)
     before = problem.logits.detach().clone()
-    says_so = dataclasses.replace(lsr.get("native"), inplace_backward=True)
+    says_so = dataclasses.replace(lsr.get("native"), **{flag: True})
     assert check_against_reference(case, problem, says_so, garbage_in_forward) < 1e-4
     assert torch.equal(problem.logits.detach(), before)  # every call had a copy of its own
     with pytest.raises(GateFailure):  # without the flag, its calls share the logits: the second sees garbage
@@ -315,3 +317,190 @@ def test_cases_of_keeps_each_inputs_cases_together():
         (8, FLOOR_ALLOC, 0.1, False),
         (8, "native", 0.1, False),
     ]
+
+
+# --- F. per-call preparation, CUDA timing (its plumbing, on CPU), device inputs ------------------------
+
+
+def test_cpu_inputs_are_those_of_the_host_generator_as_before():
+    """The committed CPU results were measured on these exact draws: logits, targets, ignored rows, weights."""
+    case = Case("native", "cpu", "bfloat16", 20, 6, 0.1, "forward", **PADDED)
+    problem = measure.Problem.make(case, logit_std=3.0, seed=4)
+    gen = torch.Generator().manual_seed(4)
+    logits = (torch.randn(20, 6, generator=gen) * 3.0).to(torch.bfloat16)
+    target = torch.randint(0, 6, (20,), generator=gen)
+    target[torch.randperm(20, generator=gen)[:6]] = IGNORE_INDEX
+    weight = torch.rand(6, generator=gen) + 0.5
+    assert torch.equal(problem.logits.detach(), logits) and problem.logits.requires_grad
+    assert torch.equal(problem.target, target) and torch.equal(problem.weight, weight)
+
+
+def overwrite_after_checking(seen: list):
+    """A loss that writes garbage over its logits in forward (as the one-pass mode writes its
+    gradient), after noting whether it was given the problem's pristine logits."""
+
+    def loss(input, target, smoothing, reduction="mean", ignore_index=-100, weight=None):
+        seen.append(input)
+        value = lsr.native_label_smoothing(input, target, smoothing, reduction, ignore_index, weight=weight)
+        with torch.no_grad():
+            input.copy_(torch.randn_like(input) * 100)
+        return value
+
+    return loss
+
+
+def test_a_gradient_in_forward_pass_gets_fresh_logits_before_every_timed_and_metered_call():
+    case = padded_case("native")
+    problem = measure.Problem.make(case)
+    pristine = problem.logits.detach().clone()
+    one_pass = dataclasses.replace(lsr.get("native"), gradient_in_forward=True)
+    seen, fresh = [], []
+    loss = overwrite_after_checking(seen)
+
+    def checked(input, *args, **kwargs):
+        fresh.append(torch.equal(input.detach(), pristine) and not input.is_leaf)
+        return loss(input, *args, **kwargs)
+
+    timed = measure.Pass(case, problem, one_pass, checked)
+    assert timed.prepares
+    timing = measure.time_pass(timed, min_time=0.001, min_samples=5)
+    assert timing.runs_per_sample == 1 and timing.timer == measure.PERF_COUNTER
+    measure.peak_bytes(timed, timed.device)
+    measure.peak_rss_bytes(timed)
+    assert len(fresh) == timing.runs + 2 + 2 and all(fresh)  # 2 warm-up calls, 2 meters
+    assert torch.equal(problem.logits.detach(), pristine)  # the problem's own logits are never written
+
+
+def test_ordinary_and_inplace_passes_on_cpu_need_no_preparation_and_keep_the_host_clock():
+    case = Case("fused-exact-inplace", "cpu", "float32", 4, 5, 0.1, "forward+backward")
+    problem = measure.Problem.make(case)
+    for name in ("native", "fused-exact-inplace"):
+        timed = measure.Pass(dataclasses.replace(case, implementation=name), problem, lsr.get(name))
+        assert not timed.prepares
+        timing = measure.time_pass(timed, min_time=0.001, min_samples=3)
+        assert timing.timer == "perf_counter"
+        assert timing.row_fields()["wall_median_s"] is None and timing.row_fields()["host_s"] is None
+
+
+def test_a_measurement_fills_the_results_timing_columns():
+    fields = measure.Measurement(
+        (1.0, 2.0), 1, 2, 0.5, "cuda-events", (2.0, 4.0, 3.0), (0.1, 0.3)
+    ).row_fields()
+    assert set(fields) <= set(results.COLUMNS)
+    assert fields == {
+        "median_s": 1.5,
+        "iqr_s": 0.5,
+        "runs": 2,
+        "threads": 2,
+        "first_call_s": 0.5,
+        "timer": "cuda-events",
+        "wall_median_s": 3.0,
+        "host_s": 0.2,
+    }
+
+
+class FakeEvent:
+    """torch.cuda.Event's timing interface on the host clock, each record logged."""
+
+    def __init__(self, log, enable_timing=False):
+        assert enable_timing
+        self.log = log
+
+    def record(self, stream=None):
+        self.time = time.perf_counter()
+        self.log.append(("record", self))
+
+    def elapsed_time(self, end) -> float:
+        return (end.time - self.time) * 1e3
+
+
+def test_cuda_timing_brackets_each_call_alone_with_the_flush_and_fresh_logits_outside(monkeypatch):
+    """time_on_cuda's plumbing with the device faked on CPU: events, L2 flush, host and wall times."""
+    log = []
+    monkeypatch.setattr(torch.cuda, "Event", lambda **kwargs: FakeEvent(log, **kwargs))
+    monkeypatch.setattr(measure, "synchronize", lambda device: log.append(("sync",)))
+
+    class Flush:
+        def __init__(self, device):
+            assert device.type == "cuda"
+
+        def __call__(self):
+            log.append(("flush",))
+
+    monkeypatch.setattr(measure, "L2Flush", Flush)
+    case = padded_case("native")
+    problem = measure.Problem.make(case)
+    seen = []
+    one_pass = dataclasses.replace(lsr.get("native"), gradient_in_forward=True)
+    timed = measure.Pass(case, problem, one_pass, overwrite_after_checking(seen))
+    timed.device = torch.device("cuda")  # as a CUDA pass: timed with events
+
+    def enqueued(original=timed.enqueue):
+        log.append(("call", timed.problem.logits))
+        return original()
+
+    def prepared(original=timed.prepare):
+        log.append(("prepare",))
+        return original()
+
+    timed.enqueue, timed.prepare = enqueued, prepared
+    timing = measure.time_pass(timed, min_time=0.001, min_samples=5)
+    assert timing.timer == "cuda-events" and timing.runs_per_sample == 1
+    assert len(timing.host_samples) == len(timing.samples) >= 5 and len(timing.wall_samples) >= 3
+    assert all(0 <= h for h in timing.host_samples) and timing.host_median <= timing.median
+    # Between each start and end event: one call and nothing else (no flush, no synchronisation);
+    # before each start: a flush, after the call's fresh logits were made.
+    kinds = [entry[0] for entry in log]
+    starts = [i for i, kind in enumerate(kinds) if kind == "record"][::2]
+    assert len(starts) == len(timing.samples)
+    for i in starts:
+        assert kinds[i - 1 : i + 3] == ["flush", "record", "call", "record"]
+    assert kinds.count("prepare") == kinds.count("flush")  # once a call, timed or on the wall clock
+    fresh_logits = [entry[1] for entry in log if entry[0] == "call"]
+    assert len({id(x) for x in fresh_logits}) == len(fresh_logits)  # a new tensor for every call
+    assert all(x.grad_fn is not None for x in fresh_logits)
+
+
+def test_cuda_timing_without_flush_makes_no_flush_buffer(monkeypatch):
+    log = []
+    monkeypatch.setattr(torch.cuda, "Event", lambda **kwargs: FakeEvent(log, **kwargs))
+    monkeypatch.setattr(measure, "synchronize", lambda device: None)
+    monkeypatch.setattr(measure, "L2Flush", None)  # calling it would raise
+    case = Case("native", "cpu", "float32", 4, 5, 0.1, "forward")
+    timed = measure.Pass(case, measure.Problem.make(case), lsr.get("native"))
+    timed.device = torch.device("cuda")
+    timing = measure.time_pass(timed, min_time=0.001, min_samples=3, l2_flush=False)
+    assert timing.timer == "cuda-events" and len(log) == 2 * len(timing.samples) and not timed.prepares
+
+
+def test_the_peak_estimate_counts_the_one_pass_copies():
+    sizes = dict(device="cpu", dtype="bfloat16", batch=1024, classes=1000, smoothing=0.1, pass_="forward")
+    logits = 1024 * 1000 * 2
+    for name in ("fused-exact-onepass", "fused-sparse-onepass"):
+        assert measure.estimated_peak_bytes(Case(name, **sizes)) >= 3 * logits  # inputs, fresh copy, gate's
+
+
+def test_metadata_names_each_devices_timer():
+    facts = environment.environment("cpu")
+    assert facts["timer"] == {"cpu": "perf_counter"} and "cuda" not in facts
+    assert measure.L2_FLUSH["cuda"] is True  # on by default for CUDA
+
+
+def test_gpu_presets_cover_both_regimes_and_cpu_presets_are_unchanged():
+    full = cases_of(grid.preset_grids("full", "cuda"))
+    sizes = {(c.dtype, c.batch, c.classes) for c in full}
+    lm = {(d, n, c) for d in ("bfloat16", "float32") for n in grid.LM_BATCHES for c in grid.LM_CLASSES}
+    paper = {(d, n, c) for d in ("bfloat16", "float32") for n in (128, 1024) for c in (10, 100, 1000)}
+    assert lm | paper <= sizes
+    assert {32000, 50257, 128256, 151936, 262144} == set(grid.LM_CLASSES)
+    assert full[0].dtype == "bfloat16"  # the targets' dtype first: a run cut short still has them
+    assert {c.pass_ for c in full} == {"forward+backward"}
+    quick = cases_of(grid.preset_grids("quick", "cuda"))
+    assert {c for c in quick if not c.is_floor} < set(full)  # a subset (a floor's smoothing may differ)
+    dry = cases_of(grid.preset_grids("gpu-dry-run", "cpu"))
+    assert {c.device for c in dry} == {"cpu"} and max(c.batch * c.classes for c in dry) <= 2**18
+    # The CPU presets are those of the committed CPU results
+    cpu_full = cases_of(grid.preset_grids("full", "cpu"))
+    assert {(c.batch, c.classes) for c in cpu_full if c.dtype == "float32"} == {
+        (n, c) for n in (256, 1024, 4096) for c in (100, 1000, 10000, 32768)
+    }

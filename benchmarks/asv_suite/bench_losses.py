@@ -1,63 +1,237 @@
-"""asv suite: time and peak allocated bytes of each loss and pass, over the suite grid of lsr.bench.grid.
+"""asv suite: time and peak allocated bytes of each loss and pass, and the floor, over commits.
 
-    LSR_ASV_PROFILE=fast|full asv run ...      # the grid's profile (default: fast)
+    asv run HEAD^!                       # one commit; LSR_ASV_PROFILE=full for the larger sizes
 
-A thin adapter: cases, inputs, passes and the memory meter all come from `lsr.bench`, and an
-(implementation, pass) pair runs here exactly when the grid has that case (an in-place
-implementation has no backward-only pass, for example). asv's own `peakmem_` is the process's peak
-RSS (about 670 MB after `import torch`), which hides a loss's few MB, so memory is tracked with a
-`track_` benchmark of allocated bytes. Every timed call synchronises the device before it returns,
-so asv's wall-clock timer is right on GPUs too.
+asv imports this file against each old commit's installed package, so it uses only the package's
+public API (`lsr.REGISTRY`, `Implementation.loss`, `runs_on`, the in-place flags read with getattr),
+which holds from the first commit, and measures memory with its own small meter. Its parameters
+come from profiles.py, never from the package (see there).
+
+Where `asv run`'s time went, and what keeps it short (measured in the README's asv section):
+- asv runs every (benchmark, parameters, round) in a process of its own. With asv.conf.json's
+  `launch_method: forkserver` they are forks of one server that has imported torch and, below,
+  compiled the fused CPU kernels once: `import torch` and compilation are not paid per process.
+  The server compiles with one thread: a fork of a process whose OpenMP pool has started hangs
+  in its first parallel region (GNU libgomp); the forks run with the usual thread count.
+- inductor's on-disk caches live in one directory that every asv process and commit shares.
+- asv re-runs `setup` before every timed sample; the inputs are made once per process and setup
+  only hands them out (fresh logits for a loss that overwrites them, untimed).
 """
 
-import lsr
-from lsr.bench import grid, measure
-from lsr.bench.results import FLOOR, Case
+import os
+import sys
+from pathlib import Path
 
-SUITE = grid.suite()
-CASES = {case.key() for case in SUITE.cases()}
+# Before torch is imported: one inductor cache for every process, compilation in-process (a worker
+# pool would start a Python per process and leave threads behind at the fork).
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR", str(Path(__file__).resolve().parents[2] / ".asv" / "inductor")
+)
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+import torch  # noqa: E402
+
+import lsr  # noqa: E402
+
+from .profiles import IGNORE_INDEX, IMPLEMENTATIONS, SMOOTHING, device, profile  # noqa: E402
+
+DEVICE = device()
+PROFILE = profile()
 
 
-class _Measured:
-    """What every benchmark class shares: asv's sampling settings, and time and memory of `self.run`."""
+def _flag(impl, name: str) -> bool:
+    """An Implementation flag; False at commits from before it existed."""
+    return bool(getattr(impl, name, False))
 
+
+def _unsupported(name: str, pass_: str, classes: int) -> str | None:
+    """Why this commit's package cannot run (name, pass_) here, or None."""
+    impl = lsr.REGISTRY.get(name)
+    if impl is None:
+        return f"{name} is not registered at this commit"
+    if not impl.runs_on(DEVICE):
+        return f"{name} does not run on {DEVICE} here"
+    if classes < impl.min_classes:
+        return f"{name} needs {impl.min_classes} classes"
+    repeatable = getattr(impl, "repeatable_backward", True)
+    writes_logits = _flag(impl, "inplace_backward") or _flag(impl, "gradient_in_forward")
+    if pass_ == "backward" and (writes_logits or not repeatable):
+        return f"{name}'s backward cannot run twice through one graph"
+    return None
+
+
+_inputs: dict = {}
+
+
+def _inputs_of(batch: int, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random logits (std 2, never zeros) and targets for one size, made once per process."""
+    if (batch, classes) not in _inputs:
+        gen = torch.Generator().manual_seed(0)
+        logits = torch.randn(batch, classes, generator=gen) * 2.0
+        target = torch.randint(0, classes, (batch,), generator=gen)
+        _inputs[batch, classes] = (logits.to(DEVICE), target.to(DEVICE))
+    return _inputs[batch, classes]
+
+
+def _synchronize() -> None:
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class _Pass:
+    """One pass of one loss, as a training step runs it: the gradient is returned, never accumulated.
+
+    forward: the loss with autograd recording; backward: `torch.autograd.grad` of a graph built in
+    `prepare` (untimed); forward+backward: both. A loss that writes the gradient into its logits
+    gets non-leaf logits of its own (as a layer's output is); `prepare` copies fresh ones in before
+    every call, so that each call reads real logits.
+    """
+
+    def __init__(self, name: str, pass_: str, batch: int, classes: int):
+        self.impl = lsr.REGISTRY[name]
+        self.pass_ = pass_
+        self.logits, self.target = _inputs_of(batch, classes)
+        self.writes_logits = _flag(self.impl, "inplace_backward") or _flag(self.impl, "gradient_in_forward")
+        self.leaf = self.logits.clone().requires_grad_(True)
+        self.z = self.leaf.clone() if self.writes_logits else self.leaf
+        self.prepare()
+
+    def loss(self) -> torch.Tensor:
+        return self.impl.loss(self.z, self.target, SMOOTHING, "mean", ignore_index=IGNORE_INDEX)
+
+    def prepare(self) -> None:
+        if self.writes_logits:
+            with torch.no_grad():
+                self.z.copy_(self.logits)
+        if self.pass_ == "backward":
+            self.graph = self.loss()
+        _synchronize()
+
+    def __call__(self):
+        if self.pass_ == "forward":
+            out = self.loss()
+        elif self.pass_ == "backward":
+            out = torch.autograd.grad(self.graph, self.z, retain_graph=True)
+        else:
+            out = torch.autograd.grad(self.loss(), self.z)
+        _synchronize()
+        return out
+
+
+def _peak_bytes(fn) -> int:
+    """Peak bytes allocated above the start while `fn` runs, its result included.
+
+    CUDA: torch.cuda.max_memory_allocated. CPU: the running sum of the profiler's allocation and
+    free events in time order (frees of older tensors count negative), its exact twin.
+    """
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        result = fn()
+        torch.cuda.synchronize()
+        del result
+        return torch.cuda.max_memory_allocated() - before
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    saved = os.dup(2)  # the profiler's C++ side prints start/stop lines to fd 2
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            result = fn()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    del result
+    events = [
+        e
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
+    ]
+    current = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+def _warm_up() -> None:
+    """Compile every loss this commit has, once, in asv's fork server (see the module docstring)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # no OpenMP pool before the fork
+    try:
+        batch, classes = min(PROFILE["batches"]), min(PROFILE["classes"])
+        for name in IMPLEMENTATIONS:
+            for pass_ in PROFILE["passes"]:
+                if _unsupported(name, pass_, classes) is None:
+                    run = _Pass(name, pass_, batch, classes)
+                    run()
+                    run.prepare()
+                    run()
+    finally:
+        torch.set_num_threads(threads)
+
+
+if sys.argv[1:2] == ["run_server"] and DEVICE == "cpu":  # asv's fork server (launch_method forkserver)
+    _warm_up()
+
+
+class Loss:
+    """Forward, backward, or both, of each loss: time and peak allocated bytes.
+
+    asv's `peakmem_` is the process's peak RSS (about 670 MB after `import torch`), which hides a
+    loss's few MB: memory is `track_peak_bytes`, bytes allocated above the inputs.
+    """
+
+    params = (
+        list(IMPLEMENTATIONS),
+        list(PROFILE["passes"]),
+        list(PROFILE["batches"]),
+        list(PROFILE["classes"]),
+    )
+    param_names = ["implementation", "pass", "batch", "classes"]  # asv shows "batch-512; classes-1000"
     timeout = 600
-    # Enough samples for a median, bounded so that `asv run` over a few commits stays bearable.
+    # Up to 10 samples in at most 5 s a round, 2 rounds in separate processes (asv's default).
     repeat = (3, 10, 5.0)
+    rounds = 2
     warmup_time = 0.2
 
-    def prepare(self, case: Case) -> None:
-        if case.key() not in CASES:
-            raise NotImplementedError(f"the grid has no {case.pass_} case for {case.implementation}")
-        impl = None if case.is_floor else lsr.get(case.implementation)
-        self.run = measure.Pass(case, measure.Problem.make(case), impl)
+    def setup(self, name, pass_, batch, classes):
+        # asv re-runs setup before each timed call: the pass is made once per process.
+        run = getattr(self, "run", None)
+        if run is None:
+            reason = _unsupported(name, pass_, classes)
+            if reason is not None:
+                raise NotImplementedError(reason)
+            run = self.run = _Pass(name, pass_, batch, classes)
+        run.prepare()
 
-    def time_call(self, *_):
+    def time_pass(self, *_):
         self.run()
 
     def track_peak_bytes(self, *_):
-        return measure.peak_bytes(self.run, self.run.device)
+        return _peak_bytes(self.run)
 
     track_peak_bytes.unit = "bytes"
 
 
-class Loss(_Measured):
-    """One pass (forward, backward, or both) of one implementation."""
+class Floor:
+    """torch.exp(z, out=buf) on the same logits: one read and one write of them, the reference
+    every loss's time is a multiple of."""
 
-    params = (SUITE.implementations, SUITE.passes, SUITE.devices, SUITE.batches, SUITE.classes)
-    param_names = ["implementation", "pass", "device", "batch", "classes"]
+    params = (list(PROFILE["batches"]), list(PROFILE["classes"]))
+    param_names = ["batch", "classes"]
+    repeat = Loss.repeat
+    rounds = Loss.rounds
+    warmup_time = Loss.warmup_time
 
-    def setup(self, implementation, pass_, device, batch, classes):
-        smoothing, dtype = SUITE.smoothings[0], SUITE.dtypes[0]
-        self.prepare(Case(implementation, device, dtype, batch, classes, smoothing, pass_))
+    def setup(self, batch, classes):
+        self.logits, _ = _inputs_of(batch, classes)
+        if getattr(self, "out", None) is None:  # asv re-runs setup before each timed call
+            self.out = torch.empty_like(self.logits)
 
-
-class Floor(_Measured):
-    """torch.exp(z, out=buf) on the same logits: the reference every implementation is a multiple of."""
-
-    params = (SUITE.devices, SUITE.batches, SUITE.classes)
-    param_names = ["device", "batch", "classes"]
-
-    def setup(self, device, batch, classes):
-        smoothing, dtype = SUITE.smoothings[0], SUITE.dtypes[0]
-        self.prepare(Case(FLOOR, device, dtype, batch, classes, smoothing, "forward+backward"))
+    def time_exp(self, *_):
+        torch.exp(self.logits, out=self.out)
+        _synchronize()

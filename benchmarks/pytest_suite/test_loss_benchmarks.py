@@ -1,12 +1,18 @@
-"""pytest-benchmark suite over the suite grid of lsr.bench.grid: every case, peak memory in extra_info.
+"""pytest-benchmark suite over the asv suite's profile (benchmarks/asv_suite/profiles.py): every case
+the registry's implementations take there, with the floors; peak memory in extra_info.
 
     pytest benchmarks/pytest_suite --benchmark-json=run.json     # then: lsr-bench plot run.json
     LSR_ASV_PROFILE=full pytest benchmarks/pytest_suite ...      # the larger grid
+    pytest benchmarks/pytest_suite --benchmark-save=NAME         # .benchmarks/<machine>/NNNN_NAME.json
+    pytest benchmarks/pytest_suite --benchmark-compare=0001      # against saved run 0001
 
 Cases, inputs, passes, the correctness gate and the memory meter come from `lsr.bench`; each timed
 call synchronises the device before returning. The JSON's extra_info carries the case as a results
 row, so `lsr-bench plot` reads it like a results.csv.
 """
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +21,20 @@ import lsr
 from lsr.bench import grid, measure
 from lsr.bench.results import new_row
 
-CASES = list(grid.suite().cases())
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from asv_suite.profiles import profile  # noqa: E402 - the one definition of both suites' sizes
+
+_PROFILE = profile()
+CASES = list(
+    grid.Grid(
+        grid.registered(),
+        grid.present_devices(),
+        ["float32"],
+        _PROFILE["batches"],
+        _PROFILE["classes"],
+        passes=_PROFILE["passes"],
+    ).cases()
+)
 
 
 @pytest.mark.parametrize(

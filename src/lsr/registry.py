@@ -195,6 +195,35 @@ register(
     )
 )
 
+register(
+    Implementation(
+        name="fused-exact-onepass",
+        loss=functools.partial(fused_label_smoothing, gradient_in_forward=True),
+        smoothing_kind="exact",
+        devices=("cpu", "cuda"),
+        supports_weight=True,
+        min_classes=1,
+        description="fused-exact with gradient_in_forward=True: one pass, the forward writes the gradient "
+        "over the logits (C++ / Triton)",
+        is_available=_fused_is_available,
+        gradient_in_forward=True,
+    )
+)
+register(
+    Implementation(
+        name="fused-sparse-onepass",
+        loss=functools.partial(fused_sparse_label_smoothing, gradient_in_forward=True),
+        smoothing_kind="sparse",
+        devices=("cpu", "cuda"),
+        supports_weight=False,
+        min_classes=2,
+        description="fused-sparse with gradient_in_forward=True: one pass, the forward writes the gradient "
+        "over the logits (C++ / Triton)",
+        is_available=_fused_is_available,
+        gradient_in_forward=True,
+    )
+)
+
 # --- peers (lsr.peers): other projects' losses, registered whether installed or not -----------------
 
 from lsr import peers  # noqa: E402 - needs Implementation above

@@ -1,13 +1,16 @@
-"""`lsr-bench` (also `python -m lsr.bench`): run a sweep, draw its charts, compare two runs.
+"""`lsr-bench` (also `python -m lsr.bench`): run a sweep, draw its charts, compare two runs, merge
+the runs of several machines.
 
 Arguments that cannot be run are refused before anything is measured, with one line on stderr and
 exit status 2. Ctrl-C ends a run with one line and status 130; the rows measured so far stay on
-disk for `--resume`.
+disk for `--resume`. Launched by torchrun with several ranks, `run` shares its cases among them
+(`lsr.bench.shard`) and rank 0 alone prints the tables and draws the charts.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections import Counter
@@ -19,6 +22,7 @@ import torch
 
 import lsr
 from lsr.bench import grid as grids
+from lsr.bench import measure, merge
 from lsr.bench.arguments import (
     AT_LEAST_ONE,
     EXIT_USAGE,
@@ -38,7 +42,15 @@ from lsr.bench.compare import compare, format_comparison
 from lsr.bench.plot import chart_folders, plot_run
 from lsr.bench.report import format_run_table, write_summary
 from lsr.bench.results import PASSES, RESULTS_FILE, Case, SchemaError, case_key, load, read_rows
-from lsr.bench.runner import BusyMachineWarning, SweepInterrupted, SweepLocked, busy_rows, run_sweep
+from lsr.bench.runner import (
+    SHARED_DEVICES,
+    BusyMachineWarning,
+    SweepInterrupted,
+    SweepLocked,
+    busy_rows,
+    run_sweep,
+)
+from lsr.bench.shard import Shard, share
 from lsr.bench.ship import format_ship_report
 from lsr.bench.side_by_side import plot_side_by_side, shared_shapes
 from lsr.types import DEVICES, DTYPES
@@ -85,8 +97,18 @@ def _rows_kept(out_dir: Path, cases: list[Case]) -> int:
     return sum(case.key() in keys for case in cases)
 
 
-def _interrupted(error: BaseException, done_before: int, total: int, out_dir: Path, cases: list[Case]) -> int:
+def _interrupted(
+    error: BaseException, done_before: int, total: int, out_dir: Path, cases: list[Case], shard: Shard | None
+) -> int:
     """One line saying how far the run got, instead of a traceback; the exit status for Ctrl-C."""
+    if shard is not None:  # each rank says how far its own share got
+        got = f" after {error.done} of its {error.total} cases" if isinstance(error, SweepInterrupted) else ""
+        print(
+            f"lsr-bench: rank {shard.rank}: interrupted{got}; its rows are in {out_dir / merge.PARTS_DIR}: "
+            "rerun with --resume (under torchrun or not) to continue",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     if isinstance(error, SweepInterrupted):  # done of total: of the cases not already ok on disk
         done = done_before + len(cases) - error.total + error.done
     else:  # before the sweep started measuring: count what is on disk
@@ -108,26 +130,66 @@ def _warn_busy(rows: list[dict]) -> None:
         )
 
 
+def _sharded_devices(shard: Shard) -> list[str]:
+    """The devices a sharded run measures by default: CUDA where present (a GPU per rank); a host's
+    CPU (or MPS device) only where it has one rank or nothing else, since ranks sharing it disturb
+    each other's times."""
+    present = grids.present_devices()
+    own = [device for device in present if device not in SHARED_DEVICES]
+    if shard.local_world_size == 1 or not own:
+        return present
+    if shard.rank == 0:
+        left = ", ".join(d for d in present if d in SHARED_DEVICES)
+        print(
+            f"lsr-bench: {left} left out: {shard.local_world_size} ranks on a host would time it at once "
+            f"(--device {left} to measure it anyway, or launch one rank per host for it)",
+            file=sys.stderr,
+        )
+    return own
+
+
 def cmd_run(args) -> int:
+    shard = Shard.start()  # None unless torchrun started several ranks
+    try:
+        return _run(args, shard)
+    finally:
+        if shard is not None:
+            shard.stop()
+
+
+def _run(args, shard: Shard | None) -> int:
     args.out = Path(args.out or ("results" if args.preset == "full" else "results/quick"))
+    if shard is not None and not args.device:
+        args.device = _sharded_devices(shard)
     planned = plans(args)
+    if shard is not None:
+        shard.require_same([(p.device, [c.key() for c in p.cases]) for p in planned], "the devices and cases")
     for plan in planned:
         check_writable(args.out / plan.device, "--out")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    measure.L2_FLUSH["cuda"] = SWITCH[args.l2_flush]
+    os.environ[measure.L2_FLUSH_VARIABLE] = args.l2_flush  # for --isolate's child processes
+    lead = shard is None or shard.rank == 0  # the one that speaks
     total, done_before, all_rows = sum(len(plan.cases) for plan in planned), 0, []
     for plan in planned:
         out_dir = args.out / plan.device
-        print(f"lsr-bench: {len(plan.cases)} cases on {plan.device} -> {out_dir}/", file=sys.stderr)
+        over = ""
+        if shard is not None:
+            over = f" over {shard.world_size} ranks ({len(share(plan.cases, 0, shard.world_size))} on rank 0)"
+        if lead:
+            print(f"lsr-bench: {len(plan.cases)} cases on {plan.device}{over} -> {out_dir}/", file=sys.stderr)
         try:
             with _warnings_after():
-                rows = run_sweep(plan.cases, out_dir, **_sweep_options(args, plan))
+                rows = run_sweep(plan.cases, out_dir, shard=shard, **_sweep_options(args, plan))
         except KeyboardInterrupt as e:  # SweepInterrupted too
-            return _interrupted(e, done_before, total, out_dir, plan.cases)
+            return _interrupted(e, done_before, total, out_dir, plan.cases, shard)
         done_before += len(plan.cases)
         all_rows += rows
-        if not args.no_plot:
+        if lead and not args.no_plot:
             plot_run(*load(out_dir), out_dir)
+    if not lead:
+        return 0
     if not args.no_plot:
         print(f"lsr-bench: summary in {write_summary(args.out)}", file=sys.stderr)
     print("\n" + format_run_table(all_rows))
@@ -138,18 +200,27 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _sources(path: Path) -> list[tuple[str, list[dict], dict]]:
+    """(label, rows, metadata) of a run: one, or one per machine of a merged run."""
+    rows, metadata = load(path)
+    if not merge.is_merged(rows, metadata):
+        return [(str(path), rows, metadata)]
+    return [(f"{path}: {name}", named, own) for name, named, own in merge.by_machine(rows, metadata, path)]
+
+
 def cmd_plot(args) -> int:
     inputs = [Path(source) for source in args.results]
     # Everything is read and checked before the first chart is written.
-    sources = [(str(path), *load(path)) for path in inputs]
-    if len(sources) > 1 and not shared_shapes(sources):
+    runs = [(path, *load(path)) for path in inputs]
+    sources = [source for path in inputs for source in _sources(path)]
+    if len(inputs) > 1 and not shared_shapes(sources):
         raise UsageError("no (dtype, N, C) was measured forward+backward in every input: nothing to compare")
     out = Path(args.out) if args.out else None
     folders = chart_folders(inputs, out)
-    side = (out or Path(".")) if len(sources) > 1 else None
+    side = (out or Path(".")) if len(inputs) > 1 else None
     for folder in [*folders, *([side] if side else [])]:
         check_writable(folder, "--out" if out else "chart folder")
-    for (_, rows, metadata), folder in zip(sources, folders, strict=True):
+    for (_, rows, metadata), folder in zip(runs, folders, strict=True):
         print("\n".join(str(p) for p in plot_run(rows, metadata, folder)))
     if side:
         print(plot_side_by_side(sources, side / "side_by_side.png"))
@@ -189,14 +260,51 @@ def comparison_pairs(old: Path, new: Path) -> list[tuple[str, Path, Path]]:
     return [(name, before[name], after[name]) for name in names]
 
 
+def _rows_of(path: Path, machine: str | None) -> list[dict]:
+    """A run's rows, those of `machine` where one is named; a run of several machines needs one."""
+    rows, metadata = load(path)
+    if machine:
+        return merge.rows_of(rows, metadata, machine, path)
+    if merge.is_merged(rows, metadata):
+        names = [name for name, _, _ in merge.by_machine(rows, metadata, path)]
+        if len(names) > 1:
+            raise UsageError(
+                f"{path} holds rows of machines {', '.join(names)}: choose with --machine (and --against-machine)"
+            )
+    return rows
+
+
 def cmd_compare(args) -> int:
-    for name, old_path, new_path in comparison_pairs(Path(args.old), Path(args.new)):
+    if args.new is None and not (args.machine and args.against_machine):
+        raise UsageError(
+            "compare needs a new run, or --machine and --against-machine to compare two machines"
+        )
+    old_machine = args.against_machine or args.machine
+    if old_machine or args.machine:
+        print(f"new: {args.machine or 'the run'}, old: {old_machine or 'the run'}")
+    for name, old_path, new_path in comparison_pairs(Path(args.old), Path(args.new or args.old)):
         if name:
             print(f"\n{name}: {old_path} -> {new_path}")
-        entries = compare(
-            load(old_path)[0], load(new_path)[0], min_change=args.min_change, ignore_busy=args.ignore_busy
-        )
+        old, new = _rows_of(old_path, old_machine), _rows_of(new_path, args.machine)
+        entries = compare(old, new, min_change=args.min_change, ignore_busy=args.ignore_busy)
         print(format_comparison(entries))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    inputs, out = [Path(path) for path in args.runs], Path(args.out)
+    if all(_is_run(path) for path in inputs):
+        groups = {"": inputs}
+    else:  # results roots: device folder by device folder, as compare does
+        groups: dict[str, list[Path]] = {}
+        for path in inputs:
+            for name, run in _runs_in(path).items():
+                groups.setdefault(name, []).append(run)
+    for name, runs in groups.items():
+        target = out / name if name else out
+        counts = merge.merge_runs(runs, target)
+        rows = ", ".join(f"{n} rows of {machine}" for machine, n in counts.items())
+        print(f"{target / RESULTS_FILE}: {rows}")
     return 0
 
 
@@ -254,6 +362,13 @@ def _run_parser(sub) -> None:
     )
     run.add_argument("--threads", type=AT_LEAST_ONE, help="torch intra-op threads (default: torch's)")
     run.add_argument(
+        "--l2-flush",
+        choices=list(SWITCH),
+        default="on",
+        help="CUDA: flush L2 before each timed call, outside the timed events (default: on; recorded "
+        "in metadata.json); off measures calls that find their inputs in a warm L2",
+    )
+    run.add_argument(
         "--logit-std", type=POSITIVE, default=2.0, help="standard deviation of the random logits"
     )
     run.add_argument(
@@ -288,13 +403,45 @@ def build_parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser("compare", help="two runs side by side, changes beyond the noise flagged", **FORMAT)
     cmp.add_argument("old", help="a run (OUT/<device>, results.csv) or a results root (OUT)")
     cmp.add_argument(
-        "new", help="the same for the new run; roots are compared device folder by device folder"
+        "new",
+        nargs="?",
+        help="the same for the new run; roots are compared device folder by device folder (default: "
+        "old itself, to compare two machines of a merged run)",
+    )
+    cmp.add_argument(
+        "--machine",
+        help="compare this machine's rows (a merged run's, see merge); needed where a run has several "
+        "(default: the run's one machine)",
+    )
+    cmp.add_argument(
+        "--against-machine",
+        metavar="MACHINE",
+        help="take old's rows from this machine: new / old is then --machine's time / MACHINE's "
+        "(default: --machine)",
     )
     cmp.add_argument("--min-change", type=NON_NEGATIVE, default=0.05, help="smallest relative change flagged")
     cmp.add_argument(
         "--ignore-busy", action="store_true", help="leave out rows measured while the machine was busy"
     )
     cmp.set_defaults(func=cmd_compare)
+
+    mrg = sub.add_parser(
+        "merge",
+        help="the runs of several machines in one directory, each row tagged with its machine",
+        **FORMAT,
+    )
+    mrg.add_argument(
+        "runs",
+        nargs="+",
+        help="runs (OUT/<device>, results.csv) or results roots (OUT, merged device folder by device folder)",
+    )
+    mrg.add_argument(
+        "--out",
+        required=True,
+        help="the merged directory (required, no default): results.csv with every row, metadata.json "
+        "with each machine's metadata under machines",
+    )
+    mrg.set_defaults(func=cmd_merge)
     return parser
 
 

@@ -6,7 +6,9 @@ where there is one (psutil does not report them), because hosts of one kind diff
 (AVX-512 or AVX2 only), and a ratio measured on one is not comparable with the other's. The facts
 that decide a CPU's ratios besides: its cache sizes (`cache_bytes`: whether a row of logits, or a
 block of rows, stays in L2) and the copy bandwidth of each device (`copy_bandwidth`: what a
-forward+backward that reads the logits once and writes the gradient once could reach).
+forward+backward that reads the logits once and writes the gradient once could reach). On CUDA
+also the GPU's facts and how it is timed (`cuda_facts`: L2 size, the L2 flush policy, the driver),
+and for every device the clock its times are read from (`timers`).
 
 Also the machine's state while a sweep runs: the memory a case may use (`available_bytes`) and the
 CPU time other processes take while a case is timed (`OtherLoad`).
@@ -28,7 +30,7 @@ import psutil
 import torch
 
 import lsr
-from lsr.bench.measure import synchronize, time_pass
+from lsr.bench.measure import CUDA_EVENTS, L2_FLUSH, PERF_COUNTER, l2_flush_bytes, synchronize, time_pass
 
 # Widest first: the first one a CPU has names its vector ISA.
 VECTOR_ISAS = ("avx512f", "avx2", "avx", "sse4_2", "asimd", "neon")
@@ -74,12 +76,23 @@ def machine_name() -> str:
         >>> bool(re.fullmatch(r"[a-z0-9]+-[0-9]+c-[a-z0-9_]+", machine_name()))
         True
     """
-    model = cpu_model().lower()
+    return machine_name_of(cpu_model(), psutil.cpu_count(logical=True), vector_isa())
+
+
+def machine_name_of(model: str, cpu_count: int | None, isa: str) -> str:
+    """`machine_name` of a machine described by its CPU model, logical CPU count and vector ISA (as
+    metadata.json records them): what results older than the machine column are tagged with.
+
+    Example:
+        >>> machine_name_of("AMD EPYC 7B13 64-Core Processor", 2, "avx2")
+        'epyc-2c-avx2'
+    """
+    model = model.lower()
     family = next((name for name in _CPU_FAMILIES if name in model), None)
     if family is None:
         words = re.findall(r"[a-z0-9]+", model)
         family = words[0] if words else "cpu"
-    return f"{family}-{psutil.cpu_count(logical=True)}c-{vector_isa()}"
+    return f"{family}-{cpu_count}c-{isa}"
 
 
 CACHE_LEVELS = ("L1d", "L2", "L3")
@@ -191,6 +204,47 @@ def device_name(device: str) -> str:
     return cpu_model()
 
 
+def _nvidia_driver() -> str | None:
+    """The NVIDIA driver's version, from nvidia-smi (None where it cannot be run)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip().splitlines()[0] if out.strip() else None
+
+
+def cuda_facts() -> dict:
+    """What decides a CUDA number besides the code: the GPU, its memory, L2 and SM count, the driver,
+    and how the sweep times it (CUDA events; the L2 policy: flushed before each call or not, and the
+    flush buffer's size)."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    l2 = getattr(props, "L2_cache_size", None) or None
+    flush = L2_FLUSH.get("cuda", False)
+    return {
+        "name": props.name,
+        "capability": f"{props.major}.{props.minor}",
+        "multiprocessors": props.multi_processor_count,
+        "memory_bytes": props.total_memory,
+        "l2_cache_bytes": l2,
+        "l2_flush": flush,
+        "l2_flush_bytes": l2_flush_bytes("cuda") if flush else None,
+        "timer": CUDA_EVENTS,
+        "driver_version": _nvidia_driver(),
+        "cuda_runtime": torch.version.cuda,
+    }
+
+
+def timers(devices: list[str]) -> dict[str, str]:
+    """The clock each device's times are read from (the results' timer column)."""
+    return {d: CUDA_EVENTS if torch.device(d).type == "cuda" else PERF_COUNTER for d in devices}
+
+
 def git_commit() -> str:
     """The checkout's commit, with "-dirty" when tracked files differ from it; "unknown" outside git."""
     root = Path(__file__).resolve().parents[3]
@@ -221,6 +275,8 @@ def environment(device: str = "cpu", **extra) -> dict:
     value for each (bytes per second, read and write counted).
     """
     load = psutil.getloadavg()[0] if hasattr(psutil, "getloadavg") else None
+    devices = device.split(",")
+    cuda = {"cuda": cuda_facts()} if "cuda" in devices and torch.cuda.is_available() else {}
     return {
         "device": device,
         "device_name": device_name(device),
@@ -228,7 +284,9 @@ def environment(device: str = "cpu", **extra) -> dict:
         "vector_isa": vector_isa(),
         "machine": machine_name(),
         "cache_bytes": cache_bytes(),
-        "copy_bandwidth_bytes_per_s": copy_bandwidths(device.split(",")),
+        "copy_bandwidth_bytes_per_s": copy_bandwidths(devices),
+        "timer": timers(devices),
+        **cuda,
         "cpu_count": psutil.cpu_count(logical=True),
         "physical_cores": psutil.cpu_count(logical=False),
         "memory_bytes": psutil.virtual_memory().total,

@@ -3,8 +3,8 @@
 The implementation runs on the whole batch, with the case's ignored targets and class weights, so
 size-dependent bugs show; only a few rows, spread over the batch, are recomputed in float64 (rows are
 independent under reduction "none"). An implementation that writes into its logits, in its backward
-or already in its forward (`inplace_backward`, as Liger-Kernel's losses), gets a fresh copy of them
-for every call; the float64 rows are taken before any call.
+or already in its forward (`inplace_backward`, as Liger-Kernel's losses; `gradient_in_forward`, the
+one-pass mode), gets a fresh copy of them for every call; the float64 rows are taken before any call.
 """
 
 from __future__ import annotations
@@ -54,15 +54,18 @@ def check_against_reference(
     The timed reduction, "mean", is checked against the per-row losses ("none", ignored rows 0)
     summed over the denominator (`mean_denominator`), and its gradient, times that denominator,
     against the reference's per-row gradient (0 on ignored rows). An implementation that overwrites
-    its logits without saying so (`inplace_backward`) fails: its calls share the logits.
+    its logits without saying so (`inplace_backward` or `gradient_in_forward`) fails: its calls share
+    the logits.
     """
     loss_fn = loss_fn or impl.loss
     logits, target, options = problem.logits, problem.target, problem.options
     rows = gate_rows(case.batch, logits.device)
     sub = logits.detach()[rows].double().requires_grad_(True)  # before any call that may overwrite them
 
+    writes_logits = impl.inplace_backward or impl.gradient_in_forward
+
     def fresh() -> torch.Tensor:  # the logits a call gets: a copy of its own where it writes into them
-        return problem.copy().logits if impl.inplace_backward else logits
+        return problem.copy().logits if writes_logits else logits
 
     per_row_all = loss_fn(fresh(), target, case.smoothing, "none", **options).detach().double()
     per_row = per_row_all[rows]

@@ -149,6 +149,56 @@ def field(device: str, dtypes: Sequence[str], batch: int, classes: int) -> Grid:
 #     C 1000, 10000, 32768, smoothing 0.1, every pass (198, 4.5 minutes); at N 1024 x C 32768 in
 #     float32 and bfloat16 the field (77 more, 3 minutes); compilation under 2 minutes.
 # Accelerators get larger sizes: their fixed launch costs hide everything below about 1M logits.
+#
+# CUDA, in two regimes, every implementation forward+backward (what a training step runs), smoothing
+# 0.1; a case whose estimated peak exceeds the GPU's free memory is recorded `skipped`:
+#   - the language-model regime: N tokens x C, a real model's vocabulary (LM_CLASSES, two of them
+#     not multiples of 16), bfloat16 (the targets' dtype) and float32;
+#   - the SparseLSR paper's: C 10, 100, 1000 (CIFAR-10, CIFAR-100, ImageNet) at N 128 and 1024,
+#     where the launch cost, not bandwidth, decides (see the host_s column);
+#   - and the field (smoothing 0 and 0.1, padding, class weights) at one mid size.
+# In that order, with the LM regime's float32 sizes last: a run cut short by its time limit loses
+# those first.
+# Durations are ESTIMATES, not measurements: no GPU was lent to the session that wrote these presets.
+# Model: a call moves about k x the logits' bytes at 4 TB/s (an H200's copy rate; NOTES.md section 8),
+# k from 2 (floors, one-pass) and 3 (fused) to about 12 (dense), about 15 calls a case (warm-up,
+# gate, at least 7 timed, wall cross-check, memory meter), at least --min-time 0.05 s of timed calls
+# and 0.25 s of overhead a case, and a minute of compilation (Triton, inductor); the per-case
+# overhead is the least known term. With the 10 implementations registered (liger included):
+#   full, 562 cases, about 5 minutes on one H200 (more on an H100, at 3 TB/s): the LM regime's 30
+#     sizes (360 cases, 1.5 minutes of transfers, many of the largest skipped for memory), the paper
+#     regime's 12 sizes (130 cases), the field at N 4096 x C 128256 bfloat16 (70 cases).
+#     benchmarks/gpu/run.sh gives it 4.5 minutes: by this estimate the last float32 LM sizes are cut.
+#   quick, 154 cases, about 2 minutes: bfloat16 N 4096, 16384 x C 50257, 151936, the paper regime at
+#     N 1024, the field.
+# Replace these estimates with the times the first GPU run measures (its sweep.log and run.log).
+LM_BATCHES = (4096, 16384, 65536)
+LM_CLASSES = (32000, 50257, 128256, 151936, 262144)  # Llama 2, GPT-2, Llama 3, Qwen2, Gemma 3
+PAPER_BATCHES = (128, 1024)
+PAPER_CLASSES = (10, 100, 1000)  # CIFAR-10, CIFAR-100, ImageNet
+LM_DTYPES = ("bfloat16", "float32")
+
+
+def training_grid(device: str, dtypes: Sequence[str], batches: Sequence[int], classes: Sequence[int]) -> Grid:
+    """Every implementation forward+backward at smoothing 0.1: what a training step runs."""
+    return Grid(registered(), [device], dtypes, batches, classes, passes=["forward+backward"])
+
+
+def gpu_grids(device: str, lm: tuple, paper: tuple, field_size: tuple) -> tuple[Grid, ...]:
+    """The GPU presets' shape: the LM regime's grid in its first dtype, the paper regime's, the field at
+    one size, then the LM regime's other dtypes; each given as (dtypes, batches, classes), the field
+    as (dtypes, batch, classes)."""
+    lm_dtypes, lm_batches, lm_classes = lm
+    paper_dtypes, paper_batches, paper_classes = paper
+    first, *others = (training_grid(device, [dtype], lm_batches, lm_classes) for dtype in lm_dtypes)
+    return (
+        first,
+        training_grid(device, paper_dtypes, paper_batches, paper_classes),
+        field(device, *field_size),
+        *others,
+    )
+
+
 PRESETS: dict[str, dict[str, tuple[Grid, ...]]] = {
     "quick": {
         "cpu": (
@@ -156,11 +206,11 @@ PRESETS: dict[str, dict[str, tuple[Grid, ...]]] = {
             field("cpu", ["float32"], 1024, 4096),
             Grid(registered(), ["cpu"], ["bfloat16"], [1024], [4096], passes=["forward+backward"]),
         ),
-        "cuda": (
-            Grid(
-                registered(), ["cuda"], ["float32", "bfloat16"], batches=[1024, 8192], classes=[4096, 32768]
-            ),
-            field("cuda", ["float32", "bfloat16"], 8192, 32768),
+        "cuda": gpu_grids(
+            "cuda",
+            lm=(["bfloat16"], [4096, 16384], [50257, 151936]),
+            paper=(["bfloat16"], [1024], PAPER_CLASSES),
+            field_size=(["bfloat16"], 4096, 128256),
         ),
         "mps": (Grid(registered(), ["mps"], ["float32"], batches=[1024, 4096], classes=[4096]),),
     },
@@ -179,16 +229,21 @@ PRESETS: dict[str, dict[str, tuple[Grid, ...]]] = {
             ),
             field("cpu", ["float32", "bfloat16"], 1024, 32768),
         ),
-        "cuda": (
-            Grid(
-                registered(),
-                ["cuda"],
-                ["float32", "bfloat16"],
-                batches=[1024, 4096, 16384, 65536],
-                classes=[1000, 10000, 32768, 131072],
-                smoothings=SMOOTHINGS,
-            ),
-            field("cuda", ["float32", "bfloat16"], 16384, 32768),
+        "cuda": gpu_grids(
+            "cuda",
+            lm=(LM_DTYPES, LM_BATCHES, LM_CLASSES),
+            paper=(LM_DTYPES, PAPER_BATCHES, PAPER_CLASSES),
+            field_size=(["bfloat16"], 4096, 128256),
+        ),
+    },
+    # The GPU run's plumbing on CPU (benchmarks/gpu/run.sh --dry-run): the CUDA presets' shape at
+    # tiny sizes, a minute or two on 2 cores. Not a measurement of anything.
+    "gpu-dry-run": {
+        "cpu": gpu_grids(
+            "cpu",
+            lm=(LM_DTYPES, [64], [320, 1001]),
+            paper=(["float32"], [16], [10, 100]),
+            field_size=(["bfloat16"], 64, 1001),
         ),
     },
 }
@@ -199,6 +254,8 @@ PRESETS["full"]["mps"] = PRESETS["quick"]["mps"]
 SUITE_PROFILES = {
     "fast": dict(dtypes=["float32"], batches=[512, 4096], classes=[1000, 10000]),
     "full": dict(dtypes=["float32"], batches=[256, 1024, 4096], classes=[100, 1000, 10000, 32768]),
+    # benchmarks/gpu/run.sh --dry-run: the suite's plumbing in seconds, not a measurement
+    "dry-run": dict(dtypes=["float32"], batches=[64], classes=[100]),
 }
 SUITE_PROFILE_VARIABLE = "LSR_ASV_PROFILE"
 

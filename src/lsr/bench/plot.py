@@ -1,8 +1,9 @@
 """The charts of a run, drawn with matplotlib's object-oriented API (no pyplot, no backend switch).
 
 `plot_run` writes the `CHARTS` for every dtype of a run, per variant (device, smoothing, ignore
-fraction, weighting) where it has several; `chart_folders` says where each run's charts go (several
-runs side by side: `lsr.bench.side_by_side`). Rows come from `lsr.bench.results.load` and are
+fraction, weighting) where it has several, and per machine where a merged run has several;
+`chart_folders` says where each run's charts go (several runs, or machines, side by side:
+`lsr.bench.side_by_side`). Rows come from `lsr.bench.results.load` and are
 selected by `lsr.bench.selection`, as the tables' are; colours, markers, fonts, titles, legends
 and resolution come from `lsr.bench.style`, so an implementation looks the same in every chart.
 """
@@ -21,7 +22,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator, NullFormatter, NullLocator
 
-from lsr.bench import selection, style
+from lsr.bench import merge, selection, style
 from lsr.bench.results import FLOOR, FLOOR_ALLOC, FLOORS, PASSES, RESULTS_FILE, floor_for
 from lsr.bench.selection import (
     CHARTS,
@@ -33,6 +34,7 @@ from lsr.bench.selection import (
     ok_rows,
     variants,
 )
+from lsr.bench.side_by_side import plot_side_by_side, shared_shapes
 from lsr.bench.tables import format_bandwidth, format_caches
 
 __all__ = ["CHARTS", "chart_folders", "plot_run"]
@@ -317,7 +319,24 @@ def chart_folders(inputs: list[Path], out: Path | None) -> list[Path]:
 
 
 def plot_run(rows: list[dict], metadata: dict, out_dir: Path) -> list[Path]:
-    """Every chart for one run, per dtype (and per variant where it has several)."""
+    """Every chart for one run, per dtype (and per variant where it has several). A merged run of
+    several machines (`lsr-bench merge`): each machine's charts in out_dir/<machine>/, and their
+    forward+backward times side by side, a column per machine, in out_dir/side_by_side.png."""
+    if merge.is_merged(rows, metadata):
+        machines = merge.by_machine(rows, metadata)
+        if len(machines) == 1:
+            return _plot_machine(*machines[0][1:], out_dir)
+        written = [
+            path for name, named, own in machines for path in _plot_machine(named, own, out_dir / name)
+        ]
+        if shared_shapes(machines):
+            written.append(plot_side_by_side(machines, out_dir / "side_by_side.png"))
+        return written
+    return _plot_machine(rows, metadata, out_dir)
+
+
+def _plot_machine(rows: list[dict], metadata: dict, out_dir: Path) -> list[Path]:
+    """Every chart for one machine's run."""
     written = []
     with style.context():
         for suffix, label, subset in variants(rows):

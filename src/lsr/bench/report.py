@@ -125,6 +125,8 @@ ENVIRONMENT = (
     "vector_isa",
     "cpu_caches",  # from cache_bytes
     "copy_bandwidth",  # from copy_bandwidth_bytes_per_s
+    "timing",  # from timer and cuda: the clock, and on CUDA the L2 policy
+    "gpu_driver",  # from cuda
     "threads",
     "torch_version",
     "cuda_version",
@@ -203,12 +205,45 @@ def summary_table(rows: list[dict], dtype: str, metadata: dict | None = None) ->
     return format_table(SUMMARY_HEADERS, table, markdown=True, align="rrlrrrrrrrrr")
 
 
+def describe_timing(metadata: dict) -> str | None:
+    """How a run's times were read, per device, in words; None for a run that did not record it.
+
+    >>> describe_timing({"timer": {"cpu": "perf_counter"}})
+    'cpu: host clock around calls that synchronise the device'
+    >>> describe_timing({"timer": {"cuda": "cuda-events"},
+    ...                  "cuda": {"l2_flush": True, "l2_cache_bytes": 60 * MiB, "l2_flush_bytes": 256 * MiB}})
+    'cuda: CUDA events around each call, L2 (60 MiB) flushed before it with a 256 MiB buffer (untimed); wall_median_s: synchronised host clock; host_s: time to enqueue'
+    """
+    timers = metadata.get("timer")
+    if not timers:
+        return None
+    words = []
+    for device, timer in sorted(timers.items()):
+        if timer != "cuda-events":
+            words.append(f"{device}: host clock around calls that synchronise the device")
+            continue
+        cuda = metadata.get("cuda") or {}
+        l2 = f" ({cuda['l2_cache_bytes'] / MiB:.0f} MiB)" if cuda.get("l2_cache_bytes") else ""
+        flush = (
+            f"L2{l2} flushed before it with a {cuda['l2_flush_bytes'] / MiB:.0f} MiB buffer (untimed)"
+            if cuda.get("l2_flush")
+            else f"L2{l2} not flushed"
+        )
+        words.append(
+            f"{device}: CUDA events around each call, {flush}; "
+            "wall_median_s: synchronised host clock; host_s: time to enqueue"
+        )
+    return "; ".join(words)
+
+
 def _environment(metadata: dict) -> list[str]:
     """The machine and the run as a two-column Markdown table, with what decides a CPU's ratios:
-    the vector ISA, the cache sizes and the copy bandwidth."""
+    the vector ISA, the cache sizes and the copy bandwidth; and how the times were read."""
     shown = metadata | {
         "cpu_caches": format_caches(metadata.get("cache_bytes"), levels=("L1d", "L2", "L3")) or None,
         "copy_bandwidth": format_bandwidth(copy_bandwidth(metadata)) or None,
+        "timing": describe_timing(metadata),
+        "gpu_driver": (metadata.get("cuda") or {}).get("driver_version"),
     }
     pairs = [[k, shown[k]] for k in ENVIRONMENT if shown.get(k) is not None]
     return [format_table(("", ""), pairs, markdown=True, align="ll"), ""]

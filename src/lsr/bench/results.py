@@ -56,7 +56,8 @@ Statuses:
 | not-available | the device is not on this machine, or the implementation cannot run on it here (e.g. no Triton) |
 
 A file written before a column existed reads with that column's default (`ADDED_LATER`); a file
-with a later schema_version than this module's is refused. Two rows with one case key are refused.
+with a later schema_version than this module's is refused. Two rows with one case key are refused,
+unless they name two machines (a file merged by `lsr-bench merge`).
 """
 
 from __future__ import annotations
@@ -323,12 +324,14 @@ def _parse(row: dict, line: int, path: Path, defaults: dict) -> dict:
 
 
 def _refuse_duplicates(rows: list[tuple[int, dict]], path: Path) -> None:
-    """Two rows of one case would make every chart and comparison pick one silently."""
+    """Two rows of one case on one machine would make every chart and comparison pick one silently.
+    Two machines may each have a row of a case: a merged file's (`lsr.bench.merge`)."""
     first_line: dict[tuple, int] = {}
     for line, row in rows:
-        earlier = first_line.setdefault(case_key(row), line)
+        earlier = first_line.setdefault((row["machine"], *case_key(row)), line)
         if earlier != line:
-            raise SchemaError(f"{path}: lines {earlier} and {line} measure the same case {case_key(row)}")
+            on = f" on {row['machine']}" if row["machine"] else ""
+            raise SchemaError(f"{path}: lines {earlier} and {line} measure the same case {case_key(row)}{on}")
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -381,8 +384,9 @@ def load(path: str | Path) -> tuple[list[dict], dict]:
     return read_rows(path), read_metadata(path)
 
 
-def _benchmark_row(bench: dict) -> dict | None:
-    """A results row from one pytest-benchmark entry; None for an entry that is not an lsr-bench case."""
+def _benchmark_row(bench: dict, threads: int | None = None) -> dict | None:
+    """A results row from one pytest-benchmark entry; None for an entry that is not an lsr-bench case.
+    `threads`: the run's torch thread count, for entries that did not record their own."""
     info, stats = bench.get("extra_info", {}), bench["stats"]
     if "case" not in info:
         return None
@@ -394,7 +398,7 @@ def _benchmark_row(bench: dict) -> dict | None:
             "median_s": stats["median"],
             "iqr_s": stats["iqr"],
             "runs": stats["rounds"] * stats.get("iterations", 1),
-            "threads": info.get("threads"),
+            "threads": info.get("threads", threads),
             "peak_bytes": info.get("peak_bytes"),
             "status": "ok",
             "message": "",
@@ -407,11 +411,35 @@ def _from_pytest_benchmark(path: Path) -> tuple[list[dict], dict]:
     try:
         data = json.loads(path.read_text())
         benchmarks, machine = data["benchmarks"], data.get("machine_info", {})
-        rows = [row for row in map(_benchmark_row, benchmarks) if row is not None]
+        # The suite's conftest: machine and software in machine_info["lsr"], per-run fields in "lsr_run".
+        metadata = _pytest_benchmark_machine(machine) | (data.get("lsr_run") or {})
+        rows = [row for bench in benchmarks if (row := _benchmark_row(bench, metadata.get("threads")))]
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise SchemaError(f"{path}: not a pytest-benchmark JSON file ({e})") from None
     if not rows:
         raise SchemaError(f"{path}: no lsr-bench cases in this pytest-benchmark file")
-    # The suite's conftest stores lsr.bench.environment's dictionary under machine_info["lsr"].
-    metadata = machine.get("lsr") or {"device_name": machine.get("cpu", {}).get("brand_raw", "?")}
     return rows, metadata | {"source": "pytest-benchmark"}
+
+
+# What the suite's conftest wrote at the top of machine_info before it stored lsr.bench.environment's
+# dictionary under machine_info["lsr"] (runs saved with --benchmark-save before then): our names.
+_PYTEST_BENCHMARK_MACHINE_KEYS = {
+    "torch_threads": "threads",
+    "torch_version": "torch_version",
+    "cuda_version": "cuda_version",
+    "lsr_device_name": "device_name",
+}
+
+
+def _pytest_benchmark_machine(machine: dict) -> dict:
+    """Run metadata from a pytest-benchmark file's machine_info: the conftest's "lsr" dictionary,
+    completed from the older top-level keys (torch_threads and the rest) and the CPU's brand.
+
+    >>> _pytest_benchmark_machine({"torch_threads": 2, "torch_version": "2.13.0", "cpu": {"brand_raw": "EPYC"}})
+    {'device_name': 'EPYC', 'threads': 2, 'torch_version': '2.13.0'}
+    """
+    metadata = {"device_name": machine.get("cpu", {}).get("brand_raw", "?")}
+    for key, ours in _PYTEST_BENCHMARK_MACHINE_KEYS.items():
+        if machine.get(key) is not None:
+            metadata[ours] = machine[key]
+    return metadata | (machine.get("lsr") or {})

@@ -5,6 +5,11 @@ rewritten atomically after every row, so an interruption (`SweepInterrupted`) or
 most the case being measured; resume re-measures only this grid's cases not measured ok, keeps every
 other row as it was, and refuses rows measured with other settings; with `isolate`, a case that
 kills its process costs its row only.
+
+Sharded over the ranks of a torchrun launch (`shard`), each rank measures its share of the cases
+(whole sizes, `lsr.bench.shard.share`) on its own device into its own part file, and rank 0 merges
+the parts into results.csv at the end (`lsr.bench.merge`); the guarantees above hold for the run as
+a whole.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import gc
 import itertools
 import pickle
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,9 +29,9 @@ from tqdm import tqdm
 
 import lsr
 from lsr.bench import isolate as isolation
-from lsr.bench import measure
+from lsr.bench import measure, merge
 from lsr.bench.environment import OtherLoad, available_bytes, environment, machine_name
-from lsr.bench.lock import LOCK_FILE, SweepLocked, output_lock
+from lsr.bench.lock import LOCK_FILE, SweepLocked, output_lock, run_lock
 from lsr.bench.results import (
     BUSY_LOAD,
     FLOOR,
@@ -39,12 +46,14 @@ from lsr.bench.results import (
     write_metadata,
     write_rows,
 )
+from lsr.bench.shard import Shard, share, size_of
 from lsr.types import LossFn
 
 __all__ = [
     "LOCK_FILE",
     "BusyMachineWarning",
     "ResumeRefused",
+    "SharedHostWarning",
     "SweepInterrupted",
     "SweepLocked",
     "busy_rows",
@@ -71,6 +80,10 @@ class ResumeRefused(ValueError):
 
 class BusyMachineWarning(UserWarning):
     """Some cases were timed while other processes used a share of the machine."""
+
+
+class SharedHostWarning(UserWarning):
+    """Several ranks of a sharded sweep measured on one host's CPU (or its one MPS device) at once."""
 
 
 # --- one case ---------------------------------------------------------------------------------------
@@ -152,8 +165,8 @@ def measure_case(
             row["max_rel_error"] = measure.check_against_reference(case, problem, impl, loss_fn)
         with OtherLoad(resolution=BUSY_LOAD / 2) as load:
             timing = measure.time_pass(timed, min_time=min_time, first_call_s=first_call_s)
-        row.update(median_s=timing.median, iqr_s=timing.iqr, runs=timing.runs, threads=timing.threads)
-        row.update(first_call_s=timing.first_call_s, **bandwidth(row, copy_bandwidth))
+        row.update(timing.row_fields())  # median, IQR, runs, threads, first call, timer, wall and host time
+        row.update(bandwidth(row, copy_bandwidth))
         if load.fraction is not None:  # else timed too briefly to tell: both stay empty
             row.update(other_load=load.fraction, busy=load.fraction > BUSY_LOAD)
         row["message"] = timing.warning or ""
@@ -184,13 +197,17 @@ def measure_cases(
     loss_fns: dict[str, LossFn],
     threads: int | None = None,
     copy_bandwidths: dict[str, float | None] | None = None,
+    cuda_device: int | None = None,
 ) -> Iterator[dict]:
     """A row per case, in order, each set of inputs made once. The one place cases are measured: in
-    this process, or in an isolated child (hence `threads`: a child starts with torch's default, and
-    `copy_bandwidths`, by device: the parent's measurement, so that every row of a run shares it)."""
+    this process, or in an isolated child (hence `threads`: a child starts with torch's default,
+    `copy_bandwidths`, by device: the parent's measurement, so that every row of a run shares it, and
+    `cuda_device`: the GPU "cuda" means, a sharded sweep's rank's own)."""
     copy_bandwidths = copy_bandwidths or {}
     if threads is not None:
         torch.set_num_threads(threads)
+    if cuda_device is not None:
+        torch.cuda.set_device(cuda_device)
     size, problem, problem_error = None, None, None
     for case in cases:
         why_not = measure.refusal(case)
@@ -236,7 +253,7 @@ def _groups(cases: list[Case], isolate: str | None) -> list[list[Case]]:
         return [cases]
     if isolate == "case":
         return [[case] for case in cases]
-    return [list(group) for _, group in itertools.groupby(cases, key=lambda case: _size(case)[:4])]
+    return [list(group) for _, group in itertools.groupby(cases, key=size_of)]
 
 
 # --- the output directory: one writer, resume ---------------------------------------------------------
@@ -302,17 +319,26 @@ def _check_isolation(isolate: str | None, loss_fns: dict[str, LossFn]) -> None:
 
 
 def _record(
-    rows: dict, todo: list[Case], out_dir: Path, isolate: str | None, args: tuple, progress: bool
+    rows: dict,
+    todo: list[Case],
+    path: Path,
+    isolate: str | None,
+    args: tuple,
+    progress: bool,
+    note: str = "",
 ) -> int:
-    """Measure `todo` into `rows`, rewriting the results file after each; return how many were measured."""
+    """Measure `todo` into `rows`, rewriting the results file at `path` after each, with `note` added
+    to each row's message; return how many were measured."""
     done = 0
     with tqdm(total=len(todo), disable=not progress, unit="case", dynamic_ncols=True) as bar:
         try:
             for group in _groups(todo, isolate):
                 source = measure_cases(group, *args) if isolate is None else isolated_rows(group, *args)
                 for row in source:
+                    if note:
+                        row["message"] = "; ".join(filter(None, [row["message"], note]))
                     rows[case_key(row)] = row
-                    write_rows(out_dir / RESULTS_FILE, list(rows.values()))
+                    write_rows(path, list(rows.values()))
                     done += 1
                     bar.set_postfix_str(
                         f"{row['implementation']} {row['pass']} N={row['batch']} C={row['classes']} {row['dtype']}"
@@ -336,6 +362,7 @@ def run_sweep(
     min_time: float = 0.5,
     loss_fns: dict[str, LossFn] | None = None,
     progress: bool = True,
+    shard: Shard | None = None,
 ) -> list[dict]:
     """Measure `cases` into out_dir/results.csv, rewriting it (atomically) after every row; return
     every row of the file.
@@ -349,30 +376,210 @@ def run_sweep(
     size's cases, so that a case that runs out of memory or crashes costs its row, not the sweep.
     grid: the grid's fields, stored in metadata.json. loss_fns: overrides of the registry's functions
     by name (tests plant wrong or failing ones; with isolate they must be importable).
+    shard: this process's rank of a torchrun launch (`Shard.start()`), every rank calling run_sweep
+    with the same cases and options: each measures its share (on CUDA, the GPU of its LOCAL_RANK)
+    into out_dir/parts/rank-K.csv, and rank 0 merges the parts into results.csv once all are done.
+    Rank 0 returns every row of the file, the others the rows they measured. Ranks that measure on
+    one host's CPU at once disturb each other: rank 0 warns (SharedHostWarning), metadata.json says
+    so under "shard", and each of their rows says so in its message.
 
     Raises SweepLocked when another sweep holds out_dir, and SweepInterrupted on Ctrl-C (the rows
-    measured are kept). Warns (BusyMachineWarning) when other processes used more than BUSY_LOAD of
-    the machine while cases were timed: `busy_rows` finds them.
+    measured are kept, in a sharded sweep in its parts: a resume folds them in). Warns
+    (BusyMachineWarning) when other processes used more than BUSY_LOAD of the machine while cases
+    were timed: `busy_rows` finds them.
     """
     cases, loss_fns = list(dict.fromkeys(cases)), dict(loss_fns or {})  # each case once
     _check_isolation(isolate, loss_fns)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if resume and merge.MACHINES in read_metadata(out_dir):  # rows of one case on several machines
+        raise ValueError(
+            f"cannot resume {out_dir}: it holds the results of several machines (lsr-bench merge)"
+        )
     settings = {"threads": torch.get_num_threads(), "min_time": min_time, "logit_std": logit_std}
-    with output_lock(out_dir), contextlib.ExitStack() as cleanup:
-        cleanup.callback(gc.unfreeze)  # collect_garbage's freezes
-        resuming = resume and (out_dir / RESULTS_FILE).exists()
-        rows = previous_rows(out_dir, cases, settings, resume_mixed) if resuming else {}
-        todo = [case for case in cases if rows.get(case.key(), {}).get("status") != "ok"]
-        metadata = _metadata(out_dir, cases, settings, resuming, preset=preset, grid=grid, isolate=isolate)
-        write_metadata(out_dir / METADATA_FILE, metadata)
-        args = (logit_std, min_time, loss_fns, settings["threads"], metadata["copy_bandwidth_bytes_per_s"])
-        _record(rows, todo, out_dir, isolate, args, progress)
-    busy = busy_rows([rows[case.key()] for case in todo])
+    run = Run(cases, out_dir, settings, resume, resume_mixed, isolate, loss_fns, progress)
+    record = {"preset": preset, "grid": grid, "isolate": isolate}
+    return run.alone(record) if shard is None else run.sharded(shard, record)
+
+
+def _warn_busy(measured: list[dict]) -> None:
+    busy = busy_rows(measured)
     if busy:
         warnings.warn(
-            f"{len(busy)} of {len(todo)} cases were timed while other processes used more than "
+            f"{len(busy)} of {len(measured)} cases were timed while other processes used more than "
             f"{BUSY_LOAD:.0%} of the machine (column busy): their times may be inflated",
             BusyMachineWarning,
-            stacklevel=2,
+            stacklevel=4,  # run_sweep's caller: _warn_busy, Run.alone or Run.sharded, run_sweep
         )
-    return list(rows.values())
+
+
+@dataclass
+class Run:
+    """One call of run_sweep: its cases, where they go and how they are measured."""
+
+    cases: list[Case]
+    out_dir: Path
+    settings: dict
+    resume: bool
+    resume_mixed: bool
+    isolate: str | None
+    loss_fns: dict[str, LossFn]
+    progress: bool
+
+    def args(self, metadata: dict, cuda_device: int | None = None) -> tuple:
+        """measure_cases' arguments after the cases."""
+        copy = metadata["copy_bandwidth_bytes_per_s"]
+        s = self.settings
+        return s["logit_std"], s["min_time"], self.loss_fns, s["threads"], copy, cuda_device
+
+    def alone(self, record: dict) -> list[dict]:
+        """The sweep in this process alone."""
+        out_dir = self.out_dir
+        with output_lock(out_dir), contextlib.ExitStack() as cleanup:
+            cleanup.callback(gc.unfreeze)  # collect_garbage's freezes
+            if self.resume:
+                merge.fold_parts(out_dir)  # the rows an interrupted sharded sweep left in its parts
+            else:
+                merge.remove(merge.part_files(out_dir))
+            resuming = self.resume and (out_dir / RESULTS_FILE).exists()
+            rows = previous_rows(out_dir, self.cases, self.settings, self.resume_mixed) if resuming else {}
+            todo = [case for case in self.cases if rows.get(case.key(), {}).get("status") != "ok"]
+            metadata = _metadata(out_dir, self.cases, self.settings, resuming, **record)
+            write_metadata(out_dir / METADATA_FILE, metadata)
+            _record(rows, todo, out_dir / RESULTS_FILE, self.isolate, self.args(metadata), self.progress)
+        _warn_busy([rows[case.key()] for case in todo])
+        return list(rows.values())
+
+    def sharded(self, shard: Shard, record: dict) -> list[dict]:
+        """This rank's share of the sweep, and on rank 0 the merge of every rank's rows."""
+        shard.require_same([case.key() for case in self.cases], "the cases to measure")
+        mine = share(self.cases, shard.rank, shard.world_size)
+        with contextlib.ExitStack() as cleanup:
+            _lock_in_turn(self.out_dir, shard, cleanup)
+            cleanup.callback(gc.unfreeze)
+            previous = self._previous_sharded(shard)
+            cuda_device = shard.each(lambda: _cuda_device(self.cases, shard))
+            metadata = _metadata(self.out_dir, self.cases, self.settings, self.resume, **record)
+            ranks = shard.all_gather(_rank_record(shard, metadata, len(mine), cuda_device))
+            shared, note = _shared_hosts(ranks, self.cases, shard)
+            metadata["shard"] = {
+                "world_size": shard.world_size,
+                "run_id": shard.run_id,
+                "launcher_run_id": shard.launcher_run_id,
+                "ranks": ranks,
+                "shared_hosts": shared,
+            }
+            if shared:
+                metadata["warning"] = _shared_warning(shared)
+            if shard.rank == 0:
+                write_metadata(self.out_dir / METADATA_FILE, metadata)
+            todo = [case for case in mine if previous.get(case.key(), {}).get("status") != "ok"]
+            measured: dict[tuple, dict] = {}
+            part = merge.part_path(self.out_dir, shard.rank)
+            args = self.args(metadata, cuda_device)
+            _record(measured, todo, part, self.isolate, args, self.progress and shard.rank == 0, note)
+            everyone = shard.all_gather(list(measured.values()))
+            merged: list[dict] = []
+
+            def write_merged() -> None:  # rank 0: every rank's rows, in the sweep's order, after those kept
+                rows = dict(previous)
+                new = {case_key(row): row for part_rows in everyone for row in part_rows}
+                rows.update((case.key(), new[case.key()]) for case in self.cases if case.key() in new)
+                write_rows(self.out_dir / RESULTS_FILE, list(rows.values()))
+                merged.extend(rows.values())
+
+            shard.on_rank_zero(write_merged)
+            merge.remove([part])  # in results.csv now
+        if shard.rank != 0:
+            return list(measured.values())
+        if shared:
+            warnings.warn(metadata["warning"], SharedHostWarning, stacklevel=3)
+        _warn_busy([row for part_rows in everyone for row in part_rows])
+        return merged
+
+    def _previous_sharded(self, shard: Shard) -> dict[tuple, dict]:
+        """The rows kept from before, on every rank: rank 0 folds into results.csv the parts an
+        interrupted sweep left (each rank sends those its host sees) and checks them as
+        `previous_rows` does; a fresh sweep starts from an empty results.csv. The parts folded are
+        gone before any rank writes its own."""
+        results = self.out_dir / RESULTS_FILE
+        paths, seen = shard.each(
+            lambda: merge.read_parts(self.out_dir) if self.resume else (merge.part_files(self.out_dir), [])
+        )
+        gathered = shard.all_gather(seen)
+
+        def fold() -> dict[tuple, dict]:
+            kept = read_rows(results) if self.resume and results.exists() else []
+            write_rows(results, merge.fold(kept, [row for rows in gathered for row in rows]))
+            if not self.resume:
+                return {}
+            return previous_rows(self.out_dir, self.cases, self.settings, self.resume_mixed)
+
+        previous = shard.on_rank_zero(fold)
+        merge.remove(paths)
+        shard.barrier()  # every old part is gone before a rank writes its new one
+        return previous
+
+
+def _lock_in_turn(out_dir: Path, shard: Shard, cleanup: contextlib.ExitStack) -> None:
+    """Each rank in turn takes out_dir's lock for this run, or joins it where a rank before it holds
+    it (on a shared file system, or on its host's disk); SweepLocked on every rank if any was refused."""
+    error = None
+    for turn in range(shard.world_size):
+        if turn == shard.rank:
+            try:
+                who = f"rank {shard.rank} of {shard.world_size}"
+                cleanup.enter_context(run_lock(out_dir, shard.run_id, who))
+            except SweepLocked as e:
+                error = e
+        shard.barrier()
+    shard.settle(error)
+
+
+def _cuda_device(cases: list[Case], shard: Shard) -> int | None:
+    """The GPU this rank measures on, its LOCAL_RANK, made the current one; None without CUDA cases."""
+    if not any(torch.device(case.device).type == "cuda" for case in cases):
+        return None
+    count = torch.cuda.device_count()
+    if shard.local_rank >= count:
+        raise ValueError(
+            f"rank {shard.rank} is local rank {shard.local_rank} on {shard.host}, which has {count} "
+            f"GPUs: one rank per GPU (torchrun --nproc-per-node {count} or fewer)"
+        )
+    torch.cuda.set_device(shard.local_rank)
+    return shard.local_rank
+
+
+def _rank_record(shard: Shard, metadata: dict, cases: int, cuda_device: int | None) -> dict:
+    """What metadata.json records of one rank."""
+    own = {k: metadata.get(k) for k in ("machine", "device_name", "copy_bandwidth_bytes_per_s", "threads")}
+    where = {
+        "rank": shard.rank,
+        "local_rank": shard.local_rank,
+        "host": shard.host,
+        "cuda_device": cuda_device,
+    }
+    return where | own | {"cases": cases}
+
+
+# Devices a host has one of, which all its ranks then share.
+SHARED_DEVICES = ("cpu", "mps")
+
+
+def _shared_hosts(ranks: list[dict], cases: list[Case], shard: Shard) -> tuple[dict[str, int], str]:
+    """The hosts where several ranks measured on the one CPU (or MPS device) at once, with how many;
+    and the note this rank's rows then carry (empty where its host has one rank)."""
+    if not any(torch.device(case.device).type in SHARED_DEVICES for case in cases):
+        return {}, ""
+    shared = {host: n for host, n in Counter(r["host"] for r in ranks).items() if n > 1}
+    if shard.host not in shared:
+        return shared, ""
+    return shared, f"shared host: {shared[shard.host]} ranks measured on {shard.host} at once"
+
+
+def _shared_warning(shared: dict[str, int]) -> str:
+    hosts = ", ".join(f"{n} on {host}" for host, n in shared.items())
+    return (
+        f"several ranks measured on one host's CPU at once ({hosts}): their times disturb each other's "
+        "(each row says so in its message; column busy where the load was measured): on CPU, shard "
+        "with one rank per host"
+    )

@@ -2,7 +2,9 @@
 
 One read of the logits forward (lse, sum of z, z_y per row), one read and one write backward; only
 O(N) state is kept between them. Triton kernels on CUDA (Triton is optional and imported lazily),
-compiled PyTorch on CPU. The math is in `lsr.fused.loss`; measurements and caveats in docs/fused.md.
+compiled PyTorch on CPU. `gradient_in_forward=True` (the one-pass mode) computes the gradient in the
+forward pass instead and writes it over the logits. The math is in `lsr.fused.loss`; measurements
+and caveats in docs/fused.md.
 
 Example:
     >>> import torch
@@ -15,6 +17,7 @@ from lsr.fused.cpu import cpu_options, set_cpu_backend
 from lsr.fused.loss import (
     FusedLabelSmoothingFunction,
     FusedLSRLoss,
+    FusedOnePassFunction,
     FusedSparseLSRLoss,
     fused_label_smoothing,
     fused_sparse_label_smoothing,
@@ -24,6 +27,7 @@ from lsr.fused.loss import (
 __all__ = [
     "FusedLSRLoss",
     "FusedLabelSmoothingFunction",
+    "FusedOnePassFunction",
     "FusedSparseLSRLoss",
     "cpu_options",
     "fused_label_smoothing",

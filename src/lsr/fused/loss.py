@@ -34,6 +34,22 @@ nothing read back on the host.
 
 The passes run as Triton kernels on CUDA (`triton_kernels.py`) and as compiled or chunked PyTorch
 on CPU (`cpu.py`); this module holds the O(N) algebra, the autograd Function and the public API.
+
+The one-pass mode (gradient_in_forward=True). The forward pass knows each row's upstream gradient
+s for a backward of 1 before it reads the logits (1/denominator for "mean", 1 for "sum" and "none",
+0 for an ignored row, NaN for a target outside [0, C)), so it can write the gradient of
+sum_i s_i L_i over the logits while each row is at hand, and keep nothing else. Both kernels,
+`triton_kernels.forward_gradient` and `onepass_cpu.forward_gradient`, follow this contract:
+(M, C) logits, (M,) targets in [0, C), weights or None and s in the compute dtype -> (M,) row
+losses L (unscaled), the logits overwritten with g = s dL/dz. Per row, with e_k = exp(z_k - m) and
+p = e/S (w = 1 without weights):
+  exact:  L = A lse - (1 - eps) w_y z_y - (eps/C) sum_j w_j z_j,    A = (1 - eps) w_y + (eps/C) W
+          g_k = s (A p_k - (eps/C) w_k - (1 - eps) w_y [k = y])     (at eps = 0 no dot term)
+  sparse: 1 - p_y = (sum over j != y of e_j) / S,  c = a - b p_y / (1 - p_y + 1e-7),
+          L = -a (z_y - lse) - b log((1 - p_y + 1e-7) / (C - 1))
+          g_k = s c p_k off the target,   g_y = -s c (1 - p_y)
+The backward pass then only multiplies by the upstream gradient when it is not 1, decided where the
+number lives (on a GPU by a kernel that reads it there: no host synchronisation).
 """
 
 from __future__ import annotations
@@ -96,6 +112,31 @@ def _gradient(logits, index, weight, lse, p, r, t, inplace):
     return grad.scatter_(1, index.unsqueeze(1), t.to(grad.dtype).unsqueeze(1))
 
 
+def _forward_gradient(logits, index, weight, scale, smoothing, sparse):
+    """The one-pass contract (module docstring): row losses; the gradient written over the logits."""
+    if _uses_triton(logits):
+        row_loss = _kernels().forward_gradient(logits, index, weight, scale, smoothing, sparse)
+    else:
+        from lsr.fused import onepass_cpu  # C++ on CPU; plain PyTorch when traced or on other devices
+
+        row_loss = onepass_cpu.forward_gradient(logits, index, weight, scale, smoothing, sparse)
+    # Written behind autograd's back: any op that saved the logits for its backward now raises there
+    torch.autograd.graph.increment_version(logits)
+    return row_loss
+
+
+def _scale_by_upstream(grad, upstream):
+    """grad *= upstream (0-d, or one per row), in place, skipped where the upstream gradient is 1."""
+    if _uses_triton(grad):
+        return _kernels().scale_rows(grad, upstream)  # decided on the device: no host synchronisation
+    if upstream.dim() == 0:
+        # On CPU reading the number costs nothing; on a GPU without Triton it would synchronise
+        if grad.device.type == "cpu" and not torch.compiler.is_compiling() and upstream.item() == 1:
+            return grad
+        return grad.mul_(upstream)
+    return grad.mul_(upstream.unsqueeze(1))
+
+
 # --- per-row algebra, O(N) ---------------------------------------------------------------------------
 
 
@@ -134,6 +175,23 @@ def _sparse_rows(lse, z_y, one_minus_p_y, smoothing, num_classes):
     return row_loss, c, 0.0, -c * one_minus_p_y
 
 
+def _mean_denominator(valid, w_y, acc_dtype):
+    """The mean's denominator: valid rows, weighted by w_y as F.cross_entropy does; NaN when it is 0
+    (no valid row, or weights all 0: 0/0 in F.cross_entropy, so NaN, gradient included)."""
+    denominator = valid.sum().to(acc_dtype) if w_y is None else torch.where(valid, w_y, 0.0).sum()
+    return torch.where(denominator == 0, float("nan"), denominator)
+
+
+def _reduce(row_loss, valid, target_ok, reduction, out_shape, denominator):
+    """Ignored rows 0, rows with a target outside [0, C) NaN, then the reduction."""
+    row_loss = torch.where(valid, torch.where(target_ok, row_loss, float("nan")), 0.0)
+    if reduction == "none":
+        return row_loss.reshape(out_shape)
+    if reduction == "sum":
+        return row_loss.sum()
+    return row_loss.sum() / denominator
+
+
 # --- autograd ------------------------------------------------------------------------------------------
 
 _ALTERNATIVE = "use lsr.native_label_smoothing (F.cross_entropy) or lsr.dense_label_smoothing there"
@@ -165,17 +223,8 @@ class FusedLabelSmoothingFunction(torch.autograd.Function):
             row_loss, alpha, gamma, tau = _sparse_rows(lse, z_y, one_minus_p_y, smoothing, num_classes)
         else:
             row_loss, alpha, gamma, tau = _exact_rows(lse, dot, z_y, w_y, weight, smoothing, num_classes)
-        row_loss = torch.where(valid, torch.where(target_ok, row_loss, float("nan")), 0.0)
-        denominator = None
-        if reduction == "none":
-            loss = row_loss.reshape(out_shape)
-        elif reduction == "sum":
-            loss = row_loss.sum()
-        else:  # mean over valid rows, weighted by w_y as F.cross_entropy does
-            denominator = valid.sum().to(acc_dtype) if w_y is None else torch.where(valid, w_y, 0.0).sum()
-            # No valid row, or weights all 0: 0/0 in F.cross_entropy, so NaN, gradient included
-            denominator = torch.where(denominator == 0, float("nan"), denominator)
-            loss = row_loss.sum() / denominator
+        denominator = _mean_denominator(valid, w_y, acc_dtype) if reduction == "mean" else None
+        loss = _reduce(row_loss, valid, target_ok, reduction, out_shape, denominator)
         per_row_alpha = alpha if torch.is_tensor(alpha) else None
         ctx.save_for_backward(logits, target, valid, weight, lse, tau, denominator, per_row_alpha)
         ctx.alpha = None if torch.is_tensor(alpha) else alpha
@@ -199,11 +248,65 @@ class FusedLabelSmoothingFunction(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None, None
 
 
+_ONE_BACKWARD = (
+    "backward ran a second time through a loss computed with gradient_in_forward=True: its gradient "
+    "lives in the logits' memory and the first backward handed it on (retain_graph=True cannot repeat "
+    "it); compute the loss again, or use gradient_in_forward=False"
+)
+
+
+class FusedOnePassFunction(torch.autograd.Function):
+    """(M, C) contiguous logits -> the reduced loss; the forward pass overwrites the logits with the
+    gradient for an upstream gradient of 1, the backward pass returns that memory, scaled only where
+    the upstream gradient is not 1. Nothing else is saved.
+
+    Non-tensor arguments: smoothing, sparse, reduction and out_shape, as FusedLabelSmoothingFunction.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, valid, weight, smoothing, sparse, reduction, out_shape):
+        acc_dtype = compute_dtype(logits.dtype)
+        target_ok, index = _in_range(target, logits.shape[1])
+        w_y = None if weight is None else weight[index]
+        denominator = _mean_denominator(valid, w_y, acc_dtype) if reduction == "mean" else None
+        # Each row's share of a backward of 1: 1/denominator (mean) or 1; 0 ignored, NaN bad target
+        share = 1.0 if denominator is None else 1 / denominator
+        scale = torch.where(valid, torch.where(target_ok, share, float("nan")), 0.0).to(acc_dtype)
+        row_loss = _forward_gradient(logits, index, weight, scale, smoothing, sparse)
+        loss = _reduce(row_loss, valid, target_ok, reduction, out_shape, denominator)
+        ctx.save_for_backward(logits)  # the gradient now; autograd checks nothing wrote it since
+        ctx.reduction, ctx.used = reduction, False
+        return loss.to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if torch.is_grad_enabled():  # create_graph=True: the caller would differentiate the gradient
+            raise RuntimeError(_NO_DOUBLE_BACKWARD)
+        if ctx.used:  # the first backward scaled and handed on the gradient
+            raise RuntimeError(_ONE_BACKWARD)
+        ctx.used = True
+        (grad,) = ctx.saved_tensors
+        upstream = grad_output.reshape(-1) if ctx.reduction == "none" else grad_output
+        return _scale_by_upstream(grad, upstream), None, None, None, None, None, None, None
+
+
 # --- functional API ------------------------------------------------------------------------------------
 
 
-def _fused(input, target, smoothing, reduction, ignore_index, weight, sparse, inplace_backward, validate):
+def _fused_options_conflict():
+    raise ValueError(
+        "gradient_in_forward=True and inplace_backward=True: choose one. gradient_in_forward already "
+        "writes the gradient over the logits (in the forward pass); inplace_backward does it in the "
+        "backward pass of the two-pass mode"
+    )
+
+
+def _fused(
+    input, target, smoothing, reduction, ignore_index, weight, sparse, inplace_backward, validate, one_pass
+):
     smoothing, reduction = check_smoothing(smoothing), check_reduction(reduction)
+    if one_pass and inplace_backward:
+        _fused_options_conflict()
     rows = as_rows(input, target, ignore_index, min_classes=2 if sparse else 1, validate_targets=validate)
     check_weight(weight, rows.num_classes, rows.logits.device)
     # Checked here, not by a jvp method, which Dynamo cannot trace; torch.func would fail later anyway,
@@ -212,17 +315,28 @@ def _fused(input, target, smoothing, reduction, ignore_index, weight, sparse, in
         torch._C._are_functorch_transforms_active() or forward_ad.unpack_dual(input).tangent is not None
     ):
         raise NotImplementedError(_NO_FORWARD_AD)
-    if inplace_backward and input.is_leaf and input.requires_grad and torch.is_grad_enabled():
+    needs_grad = input.requires_grad and torch.is_grad_enabled()
+    if inplace_backward and input.is_leaf and needs_grad:
         raise ValueError(
             "inplace_backward=True would overwrite a leaf tensor with its own gradient (a parameter used "
             "as logits would become its .grad); pass logits computed from it (a layer's output), or "
             "inplace_backward=False"
+        )
+    if one_pass and input.is_leaf and needs_grad:
+        raise ValueError(
+            "gradient_in_forward=True would overwrite a leaf tensor with its own gradient during the "
+            "forward pass (a parameter used as logits would become its .grad); pass logits computed from "
+            "it (a layer's output), or gradient_in_forward=False"
         )
     if weight is not None:
         if weight.requires_grad:
             raise ValueError("weight must not require grad: the fused losses give no gradient for it")
         weight = weight.to(compute_dtype(rows.logits.dtype)).contiguous()
     logits = rows.logits.contiguous()  # a view for (N, C) input; (N, C, d1, ...) is already a copy
+    if one_pass and needs_grad:  # without a backward to come the logits are only read, as by default
+        return FusedOnePassFunction.apply(
+            logits, rows.safe_target, rows.valid, weight, smoothing, sparse, reduction, rows.out_shape
+        )
     return FusedLabelSmoothingFunction.apply(
         logits,
         rows.safe_target,
@@ -246,8 +360,13 @@ def fused_label_smoothing(
     weight: torch.Tensor | None = None,
     inplace_backward: bool = False,
     validate_targets: bool | None = None,
+    gradient_in_forward: bool = False,
 ) -> torch.Tensor:
     """Exact label smoothing, `F.cross_entropy(..., label_smoothing=smoothing)`, fused, O(N) memory.
+
+    With gradient_in_forward=True, the logits hold the gradient as soon as this returns: reading
+    them after the loss (`logits.argmax(1)` for accuracy, logging) silently reads gradients, and
+    nothing can detect it. Compute what you need from the logits before the loss.
 
     Args:
         input: logits, (C), (N, C) or (N, C, d1, ..., dk); float16, bfloat16 (computed in float32,
@@ -267,6 +386,15 @@ def fused_label_smoothing(
             Unchecked, a target outside [0, C) is never read: it raises on the CPU paths run
             eagerly, and makes its row's loss and gradient NaN where raising would need a host read
             (the Triton kernels, inside `torch.compile`).
+        gradient_in_forward: the one-pass mode (docs/fused.md). The forward pass computes the
+            gradient for an upstream gradient of 1 and writes it over the logits (one read of the
+            logits instead of two, nothing N x C allocated); backward returns that memory, scaled by
+            the upstream gradient where it is not 1 (decided on the device: no host sync). Only when
+            a gradient is needed (grad mode on, logits requiring grad); otherwise the logits are only
+            read. Refused: leaf logits that require grad, and with inplace_backward=True (choose
+            one). Autograd raises if another op saved the logits for its backward ("modified by an
+            inplace operation"), and if backward runs twice. (N, C, d1, ...) inputs and rows that are
+            not contiguous are copied into rows first: the copy is overwritten, not the input.
 
     Differentiable once: double backward (create_graph=True), forward-mode AD and torch.func
     transforms raise; `lsr.native_label_smoothing` differentiates to any order.
@@ -279,9 +407,25 @@ def fused_label_smoothing(
         >>> loss.backward()
         >>> [round(g, 4) for g in z.grad[0].tolist()]
         [-0.1477, 0.142, 0.0058]
+
+        The one-pass mode, with what is needed from the logits taken before the loss:
+        >>> logits = z * 1  # a layer's output
+        >>> predicted = logits.argmax(1)  # before: afterwards the logits hold the gradient
+        >>> loss = fused_label_smoothing(logits, torch.tensor([0]), 0.1, gradient_in_forward=True)
+        >>> [round(g, 4) for g in logits[0].tolist()]
+        [-0.1477, 0.142, 0.0058]
     """
     return _fused(
-        input, target, smoothing, reduction, ignore_index, weight, False, inplace_backward, validate_targets
+        input,
+        target,
+        smoothing,
+        reduction,
+        ignore_index,
+        weight,
+        False,
+        inplace_backward,
+        validate_targets,
+        gradient_in_forward,
     )
 
 
@@ -294,8 +438,13 @@ def fused_sparse_label_smoothing(
     *,
     inplace_backward: bool = False,
     validate_targets: bool | None = None,
+    gradient_in_forward: bool = False,
 ) -> torch.Tensor:
     """SparseLSR (equation 15, as `lsr.sparse_label_smoothing`), fused, O(N) memory, C >= 2.
+
+    With gradient_in_forward=True, the logits hold the gradient as soon as this returns: reading
+    them after the loss (`logits.argmax(1)` for accuracy, logging) silently reads gradients, and
+    nothing can detect it. Compute what you need from the logits before the loss.
 
     Arguments as `fused_label_smoothing`, without class weights (equation 15 has none).
 
@@ -305,7 +454,16 @@ def fused_sparse_label_smoothing(
         0.3741
     """
     return _fused(
-        input, target, smoothing, reduction, ignore_index, None, True, inplace_backward, validate_targets
+        input,
+        target,
+        smoothing,
+        reduction,
+        ignore_index,
+        None,
+        True,
+        inplace_backward,
+        validate_targets,
+        gradient_in_forward,
     )
 
 
@@ -315,6 +473,10 @@ def fused_sparse_label_smoothing(
 class FusedLSRLoss(LabelSmoothingLoss):
     """`fused_label_smoothing` as a module, a drop-in for `nn.CrossEntropyLoss(label_smoothing=)`:
     `loss_fn(input, target)` with the arguments given here.
+
+    With gradient_in_forward=True, the logits hold the gradient as soon as this returns: reading
+    them after the loss (`logits.argmax(1)` for accuracy, logging) silently reads gradients, and
+    nothing can detect it. Compute what you need from the logits before the loss.
 
     Args:
         smoothing: eps in [0, 1]; 0 is plain cross-entropy.
@@ -326,6 +488,8 @@ class FusedLSRLoss(LabelSmoothingLoss):
             `fused_label_smoothing` and docs/fused.md for when that is safe).
         validate_targets: check targets are in [0, C) (default: on CPU only). False compiles without
             graph breaks (`torch.compile(fullgraph=True)`): the check reads a value on the host.
+        gradient_in_forward: the one-pass mode: the forward pass writes the gradient over the
+            logits (see `fused_label_smoothing` and docs/fused.md).
 
     Example:
         >>> loss_fn = FusedLSRLoss(smoothing=0.1)
@@ -343,10 +507,14 @@ class FusedLSRLoss(LabelSmoothingLoss):
         weight: torch.Tensor | None = None,
         inplace_backward: bool = False,
         validate_targets: bool | None = None,
+        gradient_in_forward: bool = False,
     ):
         super().__init__(smoothing, reduction, ignore_index)
+        if inplace_backward and gradient_in_forward:  # the same refusal as the functions', at construction
+            _fused_options_conflict()
         self.inplace_backward = inplace_backward
         self.validate_targets = validate_targets
+        self.gradient_in_forward = gradient_in_forward
         self.register_buffer("weight", weight)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -360,14 +528,22 @@ class FusedLSRLoss(LabelSmoothingLoss):
             self.sparse,
             self.inplace_backward,
             self.validate_targets,
+            self.gradient_in_forward,
         )
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, inplace_backward={self.inplace_backward}"
+        return (
+            f"{super().extra_repr()}, inplace_backward={self.inplace_backward}, "
+            f"gradient_in_forward={self.gradient_in_forward}"
+        )
 
 
 class FusedSparseLSRLoss(FusedLSRLoss):
     """`fused_sparse_label_smoothing` as a module, a drop-in for `lsr.SparseLSRLoss`.
+
+    With gradient_in_forward=True, the logits hold the gradient as soon as this returns: reading
+    them after the loss (`logits.argmax(1)` for accuracy, logging) silently reads gradients, and
+    nothing can detect it. Compute what you need from the logits before the loss.
 
     Args:
         smoothing: xi in [0, 1]; 0 is plain cross-entropy.
@@ -376,6 +552,8 @@ class FusedSparseLSRLoss(FusedLSRLoss):
         inplace_backward: write the gradient over the logits, which must not be a leaf tensor.
         validate_targets: check targets are in [0, C) (default: on CPU only); False for
             `torch.compile(fullgraph=True)`.
+        gradient_in_forward: the one-pass mode: the forward pass writes the gradient over the
+            logits (see `fused_label_smoothing` and docs/fused.md).
 
     Example:
         >>> loss_fn = FusedSparseLSRLoss(smoothing=0.1)
@@ -392,5 +570,8 @@ class FusedSparseLSRLoss(FusedLSRLoss):
         ignore_index: int = -100,
         inplace_backward: bool = False,
         validate_targets: bool | None = None,
+        gradient_in_forward: bool = False,
     ):
-        super().__init__(smoothing, reduction, ignore_index, None, inplace_backward, validate_targets)
+        super().__init__(
+            smoothing, reduction, ignore_index, None, inplace_backward, validate_targets, gradient_in_forward
+        )

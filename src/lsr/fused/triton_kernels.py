@@ -7,6 +7,11 @@ The math the kernels serve is in `lsr.fused.loss`. Per row of logits z (target y
                        (exact) or 1 - p_y from the j != y terms (SPARSE)
     _gradient_kernel:  g_k = p exp(z_k - lse) - r w_k, and g_y = t          one read, one write
 
+and for the one-pass mode (gradient_in_forward=True; contract and formulas in lsr.fused.loss):
+
+    _forward_gradient_kernel: the row's loss, and its gradient written over z  two reads, one write
+    _scale_rows_kernel:       g *= u where the upstream gradient u is not 1    read on the device
+
 One program per row for the statistics, looping over blocks of columns with an online max and
 sum-exp, so any class count fits (tested to 262144); one program per (row, column block) for the
 gradient. Arithmetic is in the dtype of the statistics (float32, float64 for float64 logits); row
@@ -22,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lsr.constants import PAPER_EPS
 from lsr.fused.cpu import RowStats, Weight
 
 STATS_BLOCK = 8192  # columns per step of the row loop
@@ -183,3 +189,198 @@ def gradient(
             num_warps=_num_warps(block),
         )
     return out
+
+
+# --- the one-pass mode (gradient_in_forward=True) ---------------------------------------------------
+#
+# One program per row, the row tiled in blocks of ONEPASS_BLOCK columns (C = 262144 does not fit in
+# shared memory). Sweep 1 reads the row once: online max m and S = sum exp(z - m) (with the sum over
+# j != y for SparseLSR, or dot = sum w_j z_j for exact smoothing). Sweep 2 reads it again (from L2
+# where the rows in flight fit there), computes p_k = exp(z_k - lse) and writes the gradient over it.
+# So each logit is read twice, written once, and costs two exps (on a GPU the exps are cheap beside
+# the memory traffic). The formulas are in lsr.fused.loss's docstring ("The one-pass mode").
+
+
+@triton.jit
+def _forward_gradient_kernel(
+    logits_ptr,
+    target_ptr,
+    weight_ptr,
+    weight_sum_ptr,
+    scale_ptr,
+    row_loss_ptr,
+    n_cols,
+    stride_row,
+    smoothing_hi,
+    smoothing_lo,
+    paper_eps_hi,
+    paper_eps_lo,
+    HAS_WEIGHT: tl.constexpr,
+    SPARSE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    y = tl.load(target_ptr + row)  # in [0, C): the caller made bad targets' rows NaN through `scale`
+    acc_dtype = row_loss_ptr.dtype.element_ty
+    # Float arguments arrive as float32: each constant comes as a float32 pair, exact in float64 too
+    zero = tl.zeros([], acc_dtype)  # (zero + x: x in the compute dtype)
+    eps = (zero + smoothing_hi) + smoothing_lo
+    paper_eps = (zero + paper_eps_hi) + paper_eps_lo
+    n = zero + n_cols
+    m = tl.full([], float("-inf"), acc_dtype)  # running max
+    total = tl.zeros([], acc_dtype)  # running sum of exp(z - m)
+    other = tl.zeros([], acc_dtype)  # the same over j != y (SPARSE)
+    dot = tl.zeros([], acc_dtype)  # sum of w_j z_j (not SPARSE)
+    for start in range(0, n_cols, BLOCK_SIZE):
+        cols = start + tl.arange(0, BLOCK_SIZE)
+        mask = cols < n_cols
+        z = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(acc_dtype)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row all -inf so far: no inf - inf
+        rescale = tl.exp(m - m_safe)
+        e = tl.exp(z - m_safe)
+        total = total * rescale + tl.sum(e, axis=0)
+        m = m_new
+        if SPARSE:
+            other = other * rescale + tl.sum(tl.where(cols != y, e, 0.0), axis=0)
+        else:
+            z = tl.where(mask, z, 0.0)
+            if HAS_WEIGHT:
+                z = z * tl.load(weight_ptr + cols, mask=mask, other=0.0).to(acc_dtype)
+            dot += tl.sum(z, axis=0)
+    lse = m + tl.log(total)
+    z_y = tl.load(row_ptr + y).to(acc_dtype)
+    s = tl.load(scale_ptr + row)
+    if SPARSE:  # alpha = c, gamma = 0, target term: -c (1 - p_y), 1 - p_y from the j != y terms
+        a = 1.0 - eps + eps / n
+        b = eps * (n - 1.0) / n
+        one_minus_p_y = other / total
+        guarded = one_minus_p_y + paper_eps
+        loss = -a * (z_y - lse) - b * tl.log(guarded / (n - 1.0))
+        alpha = a - b * tl.exp(z_y - lse) / guarded
+        gamma = 0.0
+        beta = 0.0
+        target_gradient = -s * alpha * one_minus_p_y
+    else:  # alpha = A, gamma = eps/C, target term: A p_y - gamma w_y - beta
+        gamma = eps / n
+        if HAS_WEIGHT:
+            w_y = tl.load(weight_ptr + y).to(acc_dtype)
+            beta = (1.0 - eps) * w_y
+            alpha = beta + gamma * tl.load(weight_sum_ptr).to(acc_dtype)
+        else:
+            beta = 1.0 - eps
+            alpha = 1.0
+        loss = alpha * lse - beta * z_y
+        loss -= gamma * tl.where(eps > 0, dot, 0.0)  # at eps = 0 a -inf logit adds nothing (no 0 * inf)
+        target_gradient = 0.0  # unused: the target column is g - s beta below
+    tl.store(row_loss_ptr + row, loss)
+    s_alpha = s * alpha
+    s_gamma = s * gamma
+    for start in range(0, n_cols, BLOCK_SIZE):
+        cols = start + tl.arange(0, BLOCK_SIZE)
+        mask = cols < n_cols
+        z = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(acc_dtype)
+        g = s_alpha * tl.exp(z - lse)  # s alpha p_k
+        if HAS_WEIGHT:
+            g -= s_gamma * tl.load(weight_ptr + cols, mask=mask, other=0.0).to(acc_dtype)
+        elif not SPARSE:
+            g -= s_gamma
+        if SPARSE:
+            g = tl.where(cols == y, target_gradient, g)
+        else:
+            g = tl.where(cols == y, g - s * beta, g)
+        # Each block is read, then written, by this program alone: the write may go over the logits
+        tl.store(row_ptr + cols, g.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_rows_kernel(
+    grad_ptr,
+    upstream_ptr,
+    stride_upstream,
+    n_cols,
+    stride_row,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    # Reads the upstream gradient on the device, so the host never waits for it; a program whose
+    # row's upstream gradient is 1 (the usual loss.backward()) reads one number and does nothing.
+    row = tl.program_id(0).to(tl.int64)
+    u = tl.load(upstream_ptr + row * stride_upstream).to(ACC_DTYPE)
+    if u != 1.0:
+        cols = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        mask = cols < n_cols
+        ptrs = grad_ptr + row * stride_row + cols
+        g = tl.load(ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
+        tl.store(ptrs, (g * u).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+ONEPASS_BLOCK = 4096  # columns per step of the one-pass row loops
+SCALE_BLOCK = 4096  # columns per program of the backward's scaling
+
+
+def _float32_pair(x: float) -> tuple[float, float]:
+    """x as hi + lo, two float32 values (Triton passes Python floats as float32)."""
+    hi = float(torch.tensor(x, dtype=torch.float32))
+    return hi, float(torch.tensor(x - hi, dtype=torch.float32))
+
+
+def forward_gradient(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: Weight,
+    scale: torch.Tensor,
+    smoothing: float,
+    sparse: bool,
+) -> torch.Tensor:
+    """The one-pass contract (lsr.fused.loss, "The one-pass mode"): (M, C) logits with unit class
+    stride, (M,) int64 targets in [0, C), (C,) weights or None and (M,) scale in the compute dtype
+    -> the (M,) unscaled row losses; the logits are overwritten with the gradient of
+    sum_i scale_i loss_i."""
+    n_rows, n_cols = logits.shape
+    row_loss = torch.empty(n_rows, dtype=scale.dtype, device=logits.device)
+    if n_rows == 0:
+        return row_loss
+    block = min(triton.next_power_of_2(n_cols), ONEPASS_BLOCK)
+    weight_sum = None if weight is None else weight.sum()  # on the device: no host read
+    with _device_guard(logits):
+        _forward_gradient_kernel[(n_rows,)](
+            logits,
+            target,
+            logits if weight is None else weight,  # not read without weights
+            logits if weight_sum is None else weight_sum,
+            scale,
+            row_loss,
+            n_cols,
+            logits.stride(0),
+            *_float32_pair(smoothing),
+            *_float32_pair(PAPER_EPS),
+            HAS_WEIGHT=weight is not None,
+            SPARSE=sparse,
+            BLOCK_SIZE=block,
+            num_warps=_num_warps(block),
+        )
+    return row_loss
+
+
+def scale_rows(grad: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
+    """grad (M, C) *= upstream, in place: a 0-d upstream for every row, or one per row ((M,), any
+    stride). Decided on the device: rows whose upstream gradient is 1 are left as they are."""
+    n_rows, n_cols = grad.shape
+    if n_rows == 0:
+        return grad
+    stride_upstream = 0 if upstream.dim() == 0 else upstream.stride(0)
+    block = min(triton.next_power_of_2(n_cols), SCALE_BLOCK)
+    with _device_guard(grad):
+        _scale_rows_kernel[(n_rows, triton.cdiv(n_cols, block))](
+            grad,
+            upstream,
+            stride_upstream,
+            n_cols,
+            grad.stride(0),
+            ACC_DTYPE=tl.float64 if grad.dtype == torch.float64 else tl.float32,
+            BLOCK_SIZE=block,
+            num_warps=_num_warps(block),
+        )
+    return grad

@@ -1,0 +1,149 @@
+"""The one-pass CPU kernel against the floor: `python benchmarks/onepass_cpu.py`.
+
+Per size (float32, smoothing 0.1, all threads), side by side in one run:
+- the floor `torch.exp(z, out=buf)`: read S, write S, one exp per logit;
+- `lsr.fused.onepass_cpu.forward_gradient`, exact and SparseLSR: loss and gradient over the logits
+  in one call (the whole forward+backward of the one-pass mode, less its O(N) algebra);
+- the existing fused exact loss with `inplace_backward=True`, forward+backward (two passes).
+Each call is timed alone with perf_counter; the logits it overwrites are restored from a copy
+outside the timed region. Variants are interleaved over rounds (a shared machine drifts); figures
+are medians of all calls, ratios medians of per-round ratios of medians.
+
+`--cpu-time` times one thread's CPU time (time.thread_time, torch.set_num_threads(1)) instead: on a
+machine shared with other work, wall-clock times measure the scheduler, while a thread's CPU time
+(memory stalls included) still compares kernels with each other and with the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from lsr.bench.environment import environment
+from lsr.bench.tables import format_table
+from lsr.fused import fused_label_smoothing, onepass_cpu
+
+SMOOTHING = 0.1
+FLOOR = "floor exp(z, out=buf)"
+
+
+def variants(
+    n_rows: int, n_cols: int, fallback: bool
+) -> dict[str, tuple[Callable[[], None], Callable[[], object]]]:
+    """name -> (restore, call): `restore` (untimed) puts fresh logits back, `call` is timed."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(n_rows, n_cols, generator=gen) * 2
+    target = torch.randint(0, n_cols, (n_rows,), generator=gen)
+    scale = torch.full((n_rows,), 1.0 / n_rows)  # the mean's upstream gradient
+    work = torch.empty_like(logits)
+    buf = torch.empty_like(logits)
+    # A non-leaf, as a layer's output is (the in-place loss refuses leaves)
+    leaf = logits.clone().requires_grad_(True)
+    z_inplace = leaf.clone()
+
+    def restore():
+        work.copy_(logits)
+
+    def restore_inplace():
+        with torch.no_grad():
+            z_inplace.copy_(logits)
+
+    def onepass(sparse: bool, backend: str):
+        def call():
+            with onepass_cpu.backend_options(backend):
+                return onepass_cpu.forward_gradient(work, target, None, scale, SMOOTHING, sparse)
+
+        return call
+
+    def fused_inplace():
+        loss = fused_label_smoothing(z_inplace, target, SMOOTHING, "mean", inplace_backward=True)
+        return torch.autograd.grad(loss, z_inplace)
+
+    def floor():
+        return torch.exp(work, out=buf)
+
+    chosen = {
+        FLOOR: (restore, floor),
+        "onepass exact (C++)": (restore, onepass(False, "cpp")),
+        "onepass sparse (C++)": (restore, onepass(True, "cpp")),
+        "fused-exact inplace fwd+bwd": (restore_inplace, fused_inplace),
+    }
+    if fallback:
+        chosen["onepass exact (PyTorch fallback)"] = (restore, onepass(False, "torch"))
+    return chosen
+
+
+def measure(
+    n_rows: int,
+    n_cols: int,
+    rounds: int,
+    calls: int,
+    fallback: bool,
+    markdown: bool = False,
+    clock=time.perf_counter,
+) -> str:
+    chosen = variants(n_rows, n_cols, fallback)
+    for restore, call in chosen.values():  # warm-up (allocator, compilation), never timed
+        restore()
+        call()
+    by_round: dict[str, list[list[float]]] = {name: [] for name in chosen}
+    for _ in range(rounds):
+        for name, (restore, call) in chosen.items():
+            times = []
+            for _ in range(calls):
+                restore()
+                start = clock()
+                call()
+                times.append(clock() - start)
+            by_round[name].append(times)
+
+    def ratio(name: str) -> float:
+        return statistics.median(
+            statistics.median(a) / statistics.median(b)
+            for a, b in zip(by_round[name], by_round[FLOOR], strict=True)
+        )
+
+    rows = []
+    for name, per_round in by_round.items():
+        all_calls = sorted(t for times in per_round for t in times)
+        q1, q3 = all_calls[len(all_calls) // 4], all_calls[(3 * len(all_calls)) // 4]
+        median = statistics.median(all_calls)
+        rows.append([name, f"{median * 1e3:.2f}", f"{(q3 - q1) / median:.0%}", f"{ratio(name):.2f}"])
+    return format_table(
+        ["variant", "median ms", "IQR/median", "x floor"], rows, align="lrrr", markdown=markdown
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="4096x1000,4096x10000,1024x32768", help="NxC,NxC,...")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=5, help="timed calls per variant per round")
+    parser.add_argument("--fallback", action="store_true", help="also time the plain-PyTorch fallback")
+    parser.add_argument("--markdown", action="store_true", help="pipe tables")
+    parser.add_argument("--cpu-time", action="store_true", help="one thread's CPU time, not wall-clock")
+    args = parser.parse_args(argv)
+    clock = time.perf_counter
+    if args.cpu_time:
+        torch.set_num_threads(1)
+        clock = time.thread_time
+    env = environment("cpu")
+    onepass_cpu.extension()  # build (or load) outside any timing
+    print(
+        f"{env['cpu_model']} (vector ISA {env['vector_isa']}; kernel built for {onepass_cpu.isa()}), "
+        f"{torch.get_num_threads()} threads, torch {env['torch_version']}, "
+        f"{'CPU time of one thread' if args.cpu_time else 'wall-clock'}, load average {os.getloadavg()[0]:.1f}"
+    )
+    for size in args.sizes.split(","):
+        n_rows, n_cols = (int(v) for v in size.lower().split("x"))
+        print(f"\n{n_rows} x {n_cols} float32")
+        print(measure(n_rows, n_cols, args.rounds, args.calls, args.fallback, args.markdown, clock))
+
+
+if __name__ == "__main__":
+    main()

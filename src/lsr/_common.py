@@ -85,14 +85,19 @@ def check_input(
     if validate_targets is None:
         validate_targets = target.device.type == "cpu"
     if validate_targets:
-        bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
-        if bool(bad.any()):
-            value = int(target[bad][0])
-            raise ValueError(
-                f"target value {value} is out of range for C={num_classes} classes: targets must be in "
-                f"[0, {num_classes}) or equal ignore_index={ignore_index}"
-            )
+        check_targets(target, num_classes, ignore_index)
     return input, target, out_shape
+
+
+def check_targets(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raise unless every target is in [0, num_classes) or ignore_index (reads a value on the host)."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        value = int(target[bad][0])
+        raise ValueError(
+            f"target value {value} is out of range for C={num_classes} classes: targets must be in "
+            f"[0, {num_classes}) or equal ignore_index={ignore_index}"
+        )
 
 
 def as_rows(

@@ -56,10 +56,21 @@ from lsr._common import (
     as_rows,
     check_reduction,
     check_smoothing,
+    check_targets,
     check_weight,
     compute_dtype,
 )
-from lsr.fused.loss import _NO_DOUBLE_BACKWARD, _exact_rows, _gradient, _in_range, _row_stats, _sparse_rows
+from lsr.fused.loss import (
+    _NO_DOUBLE_BACKWARD,
+    _exact_rows,
+    _gradient,
+    _in_range,
+    _mean_denominator,
+    _reduce,
+    _row_stats,
+    _row_upstream,
+    _sparse_rows,
+)
 
 # --- the collectives ----------------------------------------------------------------------------------
 
@@ -122,16 +133,6 @@ def _check_slices(sizes: list[int], offsets: list[int]) -> None:
         start += size
 
 
-def _check_targets(target, num_classes, ignore_index):
-    """Targets in [0, C) of the whole vocabulary, or ignore_index (the single-device losses' message)."""
-    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
-    if bool(bad.any()):
-        raise ValueError(
-            f"target value {int(target[bad][0])} is out of range for C={num_classes} classes: targets must be "
-            f"in [0, {num_classes}) or equal ignore_index={ignore_index}"
-        )
-
-
 # --- autograd ---------------------------------------------------------------------------------------------
 
 
@@ -184,7 +185,7 @@ class VocabParallelLabelSmoothingFunction(torch.autograd.Function):
             raise ValueError(f"this loss needs at least {2 if sparse else 1} classes, got C={num_classes}")
         check_weight(weight, num_classes, shard.device)
         if validate:
-            _check_targets(raw_target, num_classes, ignore_index)
+            check_targets(raw_target, num_classes, ignore_index)
 
         lse, z_y, third = (t.to(acc_dtype) for t in _combine(tables[:, :n_rows], sparse))
         target_ok, index = _in_range(target, num_classes)
@@ -194,16 +195,8 @@ class VocabParallelLabelSmoothingFunction(torch.autograd.Function):
         else:
             row_loss, alpha, gamma, tau = _exact_rows(lse, third, z_y, w_y, weight, smoothing, num_classes)
         # From here as FusedLabelSmoothingFunction: ignored rows 0, unreadable targets NaN, reduce
-        row_loss = torch.where(valid, torch.where(target_ok, row_loss, float("nan")), 0.0)
-        denominator = None
-        if reduction == "none":
-            loss = row_loss.reshape(out_shape)
-        elif reduction == "sum":
-            loss = row_loss.sum()
-        else:
-            denominator = valid.sum().to(acc_dtype) if w_y is None else torch.where(valid, w_y, 0.0).sum()
-            denominator = torch.where(denominator == 0, float("nan"), denominator)
-            loss = row_loss.sum() / denominator
+        denominator = _mean_denominator(valid, w_y, acc_dtype) if reduction == "mean" else None
+        loss = _reduce(row_loss, valid, target_ok, reduction, out_shape, denominator)
 
         alpha = alpha if torch.is_tensor(alpha) else torch.full_like(lse, alpha)
         ctx.save_for_backward(
@@ -217,12 +210,7 @@ class VocabParallelLabelSmoothingFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError(_NO_DOUBLE_BACKWARD)
         shard, local_index, owned, valid, target_ok, weight, lse, alpha, tau, denominator = ctx.saved_tensors
-        s = grad_output.to(lse.dtype)
-        if ctx.reduction == "none":
-            s = s.reshape(-1)
-        elif ctx.reduction == "mean":
-            s = s / denominator
-        s = torch.where(valid, torch.where(target_ok, s, float("nan")), 0.0)
+        s = _row_upstream(grad_output.to(lse.dtype), ctx.reduction, denominator, valid, target_ok)
         if shard.shape[1] == 0:
             return torch.zeros_like(shard), *(None,) * 12
         p, r, t = s * alpha, s * ctx.gamma, s * tau

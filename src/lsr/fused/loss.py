@@ -192,6 +192,17 @@ def _reduce(row_loss, valid, target_ok, reduction, out_shape, denominator):
     return row_loss.sum() / denominator
 
 
+def _row_upstream(grad_output, reduction, denominator, valid, target_ok):
+    """Each row's upstream gradient s: grad_output (per row for "none", over the mean's denominator
+    for "mean"); 0 for ignored rows, NaN for rows with a target outside [0, C)."""
+    s = grad_output
+    if reduction == "none":
+        s = s.reshape(-1)
+    elif reduction == "mean":
+        s = s / denominator
+    return torch.where(valid, torch.where(target_ok, s, float("nan")), 0.0)
+
+
 # --- autograd ------------------------------------------------------------------------------------------
 
 _ALTERNATIVE = "use lsr.native_label_smoothing (F.cross_entropy) or lsr.dense_label_smoothing there"
@@ -237,13 +248,8 @@ class FusedLabelSmoothingFunction(torch.autograd.Function):
             raise RuntimeError(_NO_DOUBLE_BACKWARD)
         logits, target, valid, weight, lse, tau, denominator, alpha = ctx.saved_tensors
         alpha = ctx.alpha if alpha is None else alpha
-        s = grad_output.to(lse.dtype)
-        if ctx.reduction == "none":
-            s = s.reshape(-1)
-        elif ctx.reduction == "mean":
-            s = s / denominator
         target_ok, index = _in_range(target, logits.shape[1])
-        s = torch.where(valid, torch.where(target_ok, s, float("nan")), 0.0)
+        s = _row_upstream(grad_output.to(lse.dtype), ctx.reduction, denominator, valid, target_ok)
         grad = _gradient(logits, index, weight, lse, s * alpha, s * ctx.gamma, s * tau, ctx.inplace)
         return grad, None, None, None, None, None, None, None, None
 

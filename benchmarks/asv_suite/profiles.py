@@ -5,7 +5,8 @@ commit's installed package and names a result by the index of its parameters, so
 must be the same in every process whatever the package holds: they are fixed here, never read from
 the package (an implementation a commit lacks is skipped at that commit).
 
-    LSR_ASV_PROFILE=fast|full     # the sizes (default: fast)
+    LSR_ASV_PROFILE=fast|full|dry-run     # the sizes (default: fast)
+    LSR_ASV_DEVICE=cpu|cuda               # the device (default: cpu)
 """
 
 import os
@@ -33,6 +34,8 @@ IGNORE_INDEX = -100
 PROFILES = {
     "fast": {"passes": ("forward+backward",), "batches": (512, 4096), "classes": (1000, 10000)},
     "full": {"passes": PASSES, "batches": (256, 1024, 4096), "classes": (100, 1000, 10000, 32768)},
+    # benchmarks/gpu/run.sh --dry-run: the suite's plumbing in seconds, not a measurement
+    "dry-run": {"passes": ("forward+backward",), "batches": (64,), "classes": (100,)},
 }
 PROFILE_VARIABLE = "LSR_ASV_PROFILE"
 DEVICE_VARIABLE = "LSR_ASV_DEVICE"

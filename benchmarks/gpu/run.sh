@@ -120,7 +120,7 @@ rm -f "$OUT/results/$DEVICE/.lsr-bench.lock"  # left only by a sweep killed outr
 
 # 3. the pytest-benchmark suite, this device's cases only (its JSON is written when it ends).
 phase "bench: pytest-benchmark, $DEVICE cases" 60 30 \
-    env LSR_ASV_PROFILE="$PROFILE" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" \
+    env LSR_ASV_PROFILE="$PROFILE" LSR_ASV_DEVICE="$DEVICE" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" \
     benchmarks/pytest_suite -k "$DEVICE" --benchmark-json="$OUT/bench.json" \
     --benchmark-max-time=0.05 --benchmark-min-rounds=3 --benchmark-columns=median,iqr,rounds \
     --benchmark-sort=name >"$OUT/bench.log" 2>&1

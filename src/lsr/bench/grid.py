@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 
@@ -248,25 +247,6 @@ PRESETS: dict[str, dict[str, tuple[Grid, ...]]] = {
     },
 }
 PRESETS["full"]["mps"] = PRESETS["quick"]["mps"]
-
-# The asv and pytest-benchmark suites. "fast" keeps `asv run` over several commits quick; "full" is
-# the CPU sweep's grid. Chosen by LSR_ASV_PROFILE (read when a suite is collected, not at import).
-SUITE_PROFILES = {
-    "fast": dict(dtypes=["float32"], batches=[512, 4096], classes=[1000, 10000]),
-    "full": dict(dtypes=["float32"], batches=[256, 1024, 4096], classes=[100, 1000, 10000, 32768]),
-    # benchmarks/gpu/run.sh --dry-run: the suite's plumbing in seconds, not a measurement
-    "dry-run": dict(dtypes=["float32"], batches=[64], classes=[100]),
-}
-SUITE_PROFILE_VARIABLE = "LSR_ASV_PROFILE"
-
-
-def suite(profile: str | None = None, devices: Sequence[str] | None = None) -> Grid:
-    """The benchmark suites' grid: `profile` (default: $LSR_ASV_PROFILE, else "fast") on `devices`
-    (default: those present here)."""
-    profile = profile or os.environ.get(SUITE_PROFILE_VARIABLE) or "fast"
-    if profile not in SUITE_PROFILES:
-        raise ValueError(f"unknown suite profile {profile!r}; choose from {', '.join(SUITE_PROFILES)}")
-    return Grid(registered(), list(devices or present_devices()), **SUITE_PROFILES[profile])
 
 
 def preset_grids(name: str, device: str) -> list[Grid]:

@@ -49,7 +49,7 @@ FIXED: dict[str, tuple[str, str]] = {
     "native-compiled": ("#e377c2", "*"),
     "liger": ("#bcbd22", "X"),
     "fused-exact-onepass": ("#17becf", "h"),
-    "fused-sparse-onepass": ("#17becf", "H"),
+    "fused-sparse-onepass": ("#393b79", "H"),  # tab20b navy: apart from the exact variant's cyan
 }
 # For other names: dark, saturated colours, apart from tab10's mid tones above, and markers that no
 # fixed entry uses, so that a new name is told apart by its marker even where a hue comes near.

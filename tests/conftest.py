@@ -3,6 +3,7 @@
 import dataclasses
 import importlib.util
 import os
+import signal
 import sys
 
 import pytest
@@ -11,6 +12,12 @@ import torch
 import lsr
 from lsr.fused import cpu_options
 from lsr.peers import NAMES as PEERS
+
+# The Ctrl-C tests send SIGINT to real processes. A shell that starts the suite in the background
+# ignores SIGINT, and the ignore is inherited across exec: restore Python's handler, so that this
+# process and the ones it starts see Ctrl-C as a terminal would deliver it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # The Triton kernels run on CPU tensors only under the interpreter, which must be chosen before
 # Triton is imported (the nox tests session sets it too). Not where CUDA is present: there the

@@ -35,24 +35,18 @@ GRADIENT_BLOCK = 4096  # columns per gradient program
 
 
 @triton.jit
-def _row_stats_kernel(
-    logits_ptr,
-    target_ptr,
+def _online_row_sweep(
+    row_ptr,
+    y,
     weight_ptr,
-    lse_ptr,
-    z_y_ptr,
-    dot_ptr,
-    one_minus_p_y_ptr,
     n_cols,
-    stride_row,
+    acc_dtype: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     SPARSE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row
-    y = tl.load(target_ptr + row)
-    acc_dtype = lse_ptr.dtype.element_ty
+    """One read of a row: its max m, sum of exp(z - m), that sum over j != y (SPARSE), and sum of
+    w_j z_j (not SPARSE), by an online max over blocks of columns."""
     m = tl.full([], float("-inf"), acc_dtype)  # running max
     s = tl.zeros([], acc_dtype)  # running sum of exp(z - m)
     other = tl.zeros([], acc_dtype)  # the same over j != y (SPARSE)
@@ -74,6 +68,31 @@ def _row_stats_kernel(
             if HAS_WEIGHT:
                 z = z * tl.load(weight_ptr + cols, mask=mask, other=0.0).to(acc_dtype)
             dot += tl.sum(z, axis=0)
+    return m, s, other, dot
+
+
+@triton.jit
+def _row_stats_kernel(
+    logits_ptr,
+    target_ptr,
+    weight_ptr,
+    lse_ptr,
+    z_y_ptr,
+    dot_ptr,
+    one_minus_p_y_ptr,
+    n_cols,
+    stride_row,
+    HAS_WEIGHT: tl.constexpr,
+    SPARSE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    y = tl.load(target_ptr + row)
+    acc_dtype = lse_ptr.dtype.element_ty
+    m, s, other, dot = _online_row_sweep(
+        row_ptr, y, weight_ptr, n_cols, acc_dtype, HAS_WEIGHT=HAS_WEIGHT, SPARSE=SPARSE, BLOCK_SIZE=BLOCK_SIZE
+    )
     tl.store(lse_ptr + row, m + tl.log(s))
     # Never read outside the row: a target outside [0, C) (unvalidated) gets NaN, and so does its loss
     in_row = (y >= 0) & (y < n_cols)
@@ -228,27 +247,9 @@ def _forward_gradient_kernel(
     eps = (zero + smoothing_hi) + smoothing_lo
     paper_eps = (zero + paper_eps_hi) + paper_eps_lo
     n = zero + n_cols
-    m = tl.full([], float("-inf"), acc_dtype)  # running max
-    total = tl.zeros([], acc_dtype)  # running sum of exp(z - m)
-    other = tl.zeros([], acc_dtype)  # the same over j != y (SPARSE)
-    dot = tl.zeros([], acc_dtype)  # sum of w_j z_j (not SPARSE)
-    for start in range(0, n_cols, BLOCK_SIZE):
-        cols = start + tl.arange(0, BLOCK_SIZE)
-        mask = cols < n_cols
-        z = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(acc_dtype)
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row all -inf so far: no inf - inf
-        rescale = tl.exp(m - m_safe)
-        e = tl.exp(z - m_safe)
-        total = total * rescale + tl.sum(e, axis=0)
-        m = m_new
-        if SPARSE:
-            other = other * rescale + tl.sum(tl.where(cols != y, e, 0.0), axis=0)
-        else:
-            z = tl.where(mask, z, 0.0)
-            if HAS_WEIGHT:
-                z = z * tl.load(weight_ptr + cols, mask=mask, other=0.0).to(acc_dtype)
-            dot += tl.sum(z, axis=0)
+    m, total, other, dot = _online_row_sweep(
+        row_ptr, y, weight_ptr, n_cols, acc_dtype, HAS_WEIGHT=HAS_WEIGHT, SPARSE=SPARSE, BLOCK_SIZE=BLOCK_SIZE
+    )
     lse = m + tl.log(total)
     z_y = tl.load(row_ptr + y).to(acc_dtype)
     s = tl.load(scale_ptr + row)

@@ -15,7 +15,7 @@ from lsr.bench.cli import main as cli_main
 from lsr.bench.compare import compare
 from lsr.bench.grid import Grid
 from lsr.bench.report import CHARTS
-from lsr.bench.results import FLOOR, FLOOR_ALLOC, Case, SchemaError, read_rows, write_rows
+from lsr.bench.results import FLOOR, FLOOR_ALLOC, Case, SchemaError, read_metadata, read_rows, write_rows
 from lsr.bench.runner import run_sweep
 
 EAGER = ["native", "dense", "sparse"]
@@ -224,19 +224,24 @@ def test_cli_run_plot_compare_end_to_end(tmp_path, capsys):
     out = tmp_path / "results"
     args = ["run", "--impl", *EAGER, "--device", "cpu", "--batch", "16", "64", "--classes", "10", "100"]
     args += ["--dtype", "float32", "--smoothing", "0.1", "--ignore-fraction", "0", "--weighted", "off"]
-    args += ["--out", str(out), "--min-time", "0.001", "--no-progress"]
+    args += ["--out", str(out), "--min-time", "0.001", "--no-progress", "--threads", "1", "2"]
     assert cli_main(args) == 0
     rows = read_rows(out / "cpu")
     assert all(r["status"] == "ok" for r in rows)
     assert {(r["dtype"], r["smoothing"], r["ignore_fraction"], r["weighted"]) for r in rows} == {PLAIN}
-    assert len(rows) == 4 * (2 + 3 * 3)  # sizes x (the two floors + implementations x passes)
+    # threads x sizes x (the two floors + implementations x passes)
+    assert len(rows) == 2 * 4 * (2 + 3 * 3) and {r["threads"] for r in rows} == {1, 2}
+    assert read_metadata(out / "cpu")["thread_counts"] == [1, 2]
     for chart in CHARTS:  # a chart per dtype and case variant (smoothing, padding, weights)
         pngs = list((out / "cpu").glob(f"{chart}_float32*.png"))
         assert pngs and all(p.stat().st_size > 10_000 and p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
     summary = (out / "README.md").read_text()
     assert "| 64 | 100 | sparse |" in summary and "![speedup float32" in summary
-    assert "(cpu/speedup_float32" in summary
-    assert "x floor" in capsys.readouterr().out
+    assert "(cpu/speedup_float32" in summary and "(cpu/thread_scaling_float32" in summary
+    efficiency = summary.split("parallel efficiency")[1].split("\n")[2]  # the first size's first row
+    assert float(efficiency.rstrip(" |").split("|")[-1]) > 0
+    printed = capsys.readouterr().out
+    assert "x floor" in printed and "threads" in printed.splitlines()[1]
 
     shutil.copytree(out / "cpu", tmp_path / "other")
     assert cli_main(["plot", str(out / "cpu"), str(tmp_path / "other"), "--out", str(tmp_path / "side")]) == 0

@@ -218,6 +218,7 @@ def test_metadata_records_the_grid_run_and_a_preset_only_when_unchanged(tmp_path
         "passes": ["forward"],
         "ignore_fractions": [0.0],
         "weighted": [False],
+        "threads": ["all"],
     }
 
     monkeypatch.setitem(PRESETS["quick"], "cpu", Grid(["native"], ["cpu"], ["float32"], [4], [3]))

@@ -290,10 +290,11 @@ def test_presets_sweep_each_case_once_with_the_new_axes_on_one_size():
         cases = cases_of(grid.preset_grids(name, "cpu"))
         assert len(cases) == len(set(cases))
         floors = [c for c in cases if c.is_floor]
-        sizes = {(c.dtype, c.batch, c.classes) for c in cases}
+        sizes = {(c.dtype, c.batch, c.classes, c.threads) for c in cases}
         assert len(floors) == 2 * len(sizes)
         padded = {(c.dtype, c.batch, c.classes) for c in cases if c.ignore_fraction or c.weighted}
         assert len({size[1:] for size in padded}) == 1  # one size has the padding and weight axes
+        assert {c.threads for c in cases if c.threads != torch.get_num_threads()} <= {1}
         assert {c.smoothing for c in cases} == {0.0, 0.1} and "bfloat16" in {c.dtype for c in cases}
     quick = cases_of(grid.preset_grids("quick", "cpu"))
     assert len(quick) < 250  # a few minutes on 2 cores

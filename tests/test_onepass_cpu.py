@@ -4,10 +4,14 @@ references written from the definitions, row losses and gradients, every dtype."
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from helpers import ROOT
 from lsr.constants import PAPER_EPS
 from lsr.fused import onepass_cpu
 
@@ -188,3 +192,101 @@ def test_overwriting_saved_logits_makes_backward_raise(backend):
         )
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         logits.sum().backward()
+
+
+# --- every core, and inside torch.compile --------------------------------------------------------------
+
+CPP = pytest.mark.skipif(onepass_cpu.build_problem() is not None, reason=str(onepass_cpu.build_problem()))
+
+
+def check_runs_on_two_threads():
+    """The C++ kernel's rows run on 2 threads when torch has 2: a build without OpenMP ignores
+    at::parallel_for's pragma and runs every row on the calling thread (as fast a test as any)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        n_classes = 1000
+        n_rows = 8 * (1 << 16) // n_classes  # 8 of the kernel's parallel tasks (about 64K logits each)
+        logits, target, _, scale = random_case(torch.float32, n_rows, n_classes, weighted=False)
+        with onepass_cpu.backend_options("cpp"):
+            onepass_cpu.forward_gradient(logits, target, None, scale, 0.1, False)
+        assert onepass_cpu.threads_used() == 2, f"{onepass_cpu._build_name()} ran on one thread"
+    finally:
+        torch.set_num_threads(threads)
+
+
+@CPP
+def test_the_kernel_runs_on_every_thread():
+    check_runs_on_two_threads()
+    assert onepass_cpu.openmp() == torch._C.has_openmp
+
+
+@CPP
+@pytest.mark.skipif(not torch._C.has_openmp, reason="torch has no OpenMP: every build is serial")
+def test_the_thread_check_catches_a_build_without_openmp(tmp_path):
+    """The same check fails on the kernel built with LSR_ONEPASS_OPENMP=0 (a second build, in a child)."""
+    script = tmp_path / "serial.py"
+    script.write_text(
+        "import sys; sys.path.insert(0, 'tests')\n"
+        "from lsr.fused import onepass_cpu\n"
+        "from test_onepass_cpu import check_runs_on_two_threads\n"
+        "assert not onepass_cpu.openmp() and '_serial_' in onepass_cpu._build_name()\n"
+        "try:\n"
+        "    check_runs_on_two_threads()\n"
+        "except AssertionError as error:\n"
+        "    print('caught:', error)\n"
+    )
+    env = os.environ | {"LSR_ONEPASS_OPENMP": "0", "LSR_ONEPASS_CPP": "1"}
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    assert "caught: lsr_onepass_" in done.stdout and "ran on one thread" in done.stdout
+
+
+@CPP
+@pytest.mark.parametrize("sparse", [False, True], ids=["exact", "sparse"])
+def test_the_op_runs_inside_a_compiled_model(sparse):
+    """Linear -> one-pass loss under torch.compile(fullgraph=True): the C++ op is a node of the
+    compiled graph (called in inductor's code, writing into the logits' buffer), and three SGD steps
+    match eager float64 F.cross_entropy / equation 15."""
+    from torch._inductor.utils import run_and_get_code
+
+    from lsr.fused import FusedLSRLoss, FusedSparseLSRLoss
+    from lsr.reference import exact_reference, sparse_reference
+
+    torch.manual_seed(0)
+    inputs, target = torch.randn(48, 16), torch.randint(0, 50, (48,))
+    target[::7] = -100
+    model = torch.nn.Linear(16, 50)
+    model64 = torch.nn.Linear(16, 50).double()
+    model64.load_state_dict(model.state_dict())
+    loss_class = FusedSparseLSRLoss if sparse else FusedLSRLoss
+    loss_fn = loss_class(0.1, validate_targets=False, gradient_in_forward=True)
+    reference = sparse_reference if sparse else exact_reference
+
+    @torch.compile(fullgraph=True)
+    def compiled_loss():
+        return 0.5 * loss_fn(model(inputs), target)
+
+    def step():
+        loss = compiled_loss()
+        loss.backward()
+        return loss
+
+    models, optimizers = (model, model64), [torch.optim.SGD(m.parameters(), lr=0.5) for m in (model, model64)]
+    for i in range(3):
+        for opt in optimizers:
+            opt.zero_grad()
+        if i == 0:
+            loss, (forward_code, _) = run_and_get_code(step)
+            assert "torch.ops.lsr_onepass.forward_gradient" in forward_code
+        else:
+            loss = step()
+        expected = 0.5 * reference(model64(inputs.double()), target, 0.1)
+        expected.backward()
+        torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+        for opt in optimizers:
+            opt.step()
+    for p, p64 in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(p.double(), p64, rtol=1e-5, atol=1e-6)

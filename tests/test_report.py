@@ -172,10 +172,39 @@ def test_every_subtitle_records_the_isa_caches_and_copy_bandwidth(tmp_path, monk
     figures = []
     monkeypatch.setattr(style, "save", lambda fig, path: figures.append(fig) or path)
     rows = at_size(native=3.0, dense=4.0) + at_size(128, 1000, native=6.0, dense=9.0)
+    rows += at_one_thread(rows, 1.8)  # so that the threads chart is drawn too
     assert len(plot.plot_run(rows, METADATA, tmp_path)) == len(plot.DRAW)
     for fig in figures:
         titles = [fig.get_suptitle(), *(ax.get_title() for ax in fig.axes)]
         assert any("avx512f · L2 1 MiB, L3 32 MiB · copy 10 GB/s" in t for t in titles), titles
+
+
+def at_one_thread(rows: list[dict], slower: float) -> list[dict]:
+    """The same rows measured at 1 thread, `slower` times their median."""
+    return [r | {"threads": 1, "median_s": r["median_s"] * slower} for r in rows]
+
+
+def test_thread_scaling_chart_and_efficiency_column(tmp_path):
+    """Speedup over 1 thread per implementation beside the floors' own; the summary's parallel
+    efficiency is speedup / threads; every other chart and table shows the 2-thread rows only."""
+    both = at_size(native=3.0, fused_exact=2.0)
+    rows = both + at_one_thread(both[:2], 1.9) + at_one_thread(both[2:], 1.5)
+    fig = plot.DRAW["thread_scaling"](rows, METADATA, "float32")
+    lines = {line.get_label(): line.get_ydata() for line in fig.axes[0].lines}
+    assert list(lines["native"]) == [1.0, pytest.approx(1.5)] and list(lines["floor: exp(z, out=buf)"]) == [
+        1.0,
+        pytest.approx(1.9),
+    ]
+    assert list(lines["ideal: speedup = threads"]) == [1, 2]
+    table = report.summary_table(rows, "float32", METADATA)
+    cells = {line.split("|")[3].strip(): line.split("|")[-2].strip() for line in table.splitlines()[2:]}
+    assert cells["native"] == "0.75" and cells["floor (exp, out=buf)"] == "0.95"
+    assert "| 3.000 |" in table and "| 4.500 |" not in table  # native's 2-thread median only
+    assert [r["threads"] for r in ship.ship_rows(rows)] == [2, 2]
+    plain = report.summary_table(both, "float32", METADATA)  # no 1-thread rows: no column
+    assert (
+        "parallel efficiency" not in plain and plot.DRAW["thread_scaling"](both, METADATA, "float32") is None
+    )
 
 
 def test_the_summary_lists_the_machine_and_ships(tmp_path):

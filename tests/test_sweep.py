@@ -137,15 +137,35 @@ def test_resume_with_a_narrower_grid_keeps_every_row_outside_it(tmp_path):
 
 def test_resume_refuses_rows_measured_with_other_settings_even_without_metadata(tmp_path):
     first = run_sweep(SMALL[:2], tmp_path, **FAST)
-    assert {(r["min_time"], r["logit_std"], r["threads"]) for r in first} == {
-        (0.001, 2.0, torch.get_num_threads())
-    }
+    assert {(r["min_time"], r["logit_std"]) for r in first} == {(0.001, 2.0)}
     (tmp_path / "metadata.json").unlink()
     with pytest.raises(ResumeRefused, match="cannot resume.*min_time"):
         run_sweep(SMALL, tmp_path, resume=True, min_time=0.002, progress=False)
     assert read_rows(tmp_path) == first
     mixed = run_sweep(SMALL, tmp_path, resume=True, resume_mixed=True, min_time=0.002, progress=False)
     assert [r["min_time"] for r in mixed] == [0.001, 0.001, 0.002]
+
+
+def test_thread_counts_are_cases_of_their_own(tmp_path):
+    """A case at 1 thread and at 2 are two rows, each measured at its count (torch's own restored),
+    and resume keeps both; the charts and tables other than the threads chart see the 2-thread rows."""
+    from lsr.bench.selection import at_all_cores, thread_scaling
+
+    threads = torch.get_num_threads()
+    cases = [Case(FLOOR, "cpu", "float32", 64, 512, 0.1, "forward+backward", threads=t) for t in (1, 2)]
+    cases += [Case("native", "cpu", "float32", 64, 512, 0.1, "forward+backward", threads=t) for t in (1, 2)]
+    rows = run_sweep(cases, tmp_path, **FAST)
+    assert [(r["implementation"], r["threads"], r["status"]) for r in rows] == [
+        (FLOOR, 1, "ok"),
+        (FLOOR, 2, "ok"),
+        ("native", 1, "ok"),
+        ("native", 2, "ok"),
+    ]
+    assert torch.get_num_threads() == threads
+    assert run_sweep(cases, tmp_path, resume=True, **FAST) == rows  # nothing measured again
+    assert [r["threads"] for r in at_all_cores(rows)] == [2, 2]
+    scaling = thread_scaling(rows)
+    assert len(scaling) == 2 and all(step.threads == 2 for steps in scaling.values() for step in steps)
 
 
 def test_schema_1_rows_take_the_settings_of_their_metadata_on_resume(tmp_path):

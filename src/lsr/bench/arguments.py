@@ -63,6 +63,13 @@ AT_LEAST_ONE = checked(int, lambda v: v >= 1, "must be at least 1")
 PROBABILITY = checked(float, lambda v: 0 <= v <= 1, "must be in [0, 1]")  # NaN fails both
 FRACTION = checked(float, lambda v: 0 <= v < 1, "must be in [0, 1)")
 SWITCH = {"off": False, "on": True}
+
+
+def THREADS(text: str) -> int | str:
+    """An argparse type for a threads axis value: a count >= 1, or "all" (torch's own count)."""
+    return grids.ALL_CORES if text == grids.ALL_CORES else AT_LEAST_ONE(text)
+
+
 POSITIVE = checked(float, lambda v: math.isfinite(v) and v > 0, "must be finite and above 0")
 NON_NEGATIVE = checked(float, lambda v: math.isfinite(v) and v >= 0, "must be finite and at least 0")
 
@@ -126,6 +133,7 @@ def _with_options(args, base: grids.Grid) -> grids.Grid:
         passes=args.pass_ or base.passes,
         ignore_fractions=args.ignore_fraction or base.ignore_fractions,
         weighted=[SWITCH[w] for w in args.weighted] if args.weighted else base.weighted,
+        threads=args.threads or base.threads,
     )
 
 

@@ -18,8 +18,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
 import lsr
 from lsr.bench import grid as grids
 from lsr.bench import measure, merge
@@ -32,6 +30,7 @@ from lsr.bench.arguments import (
     POSITIVE,
     PROBABILITY,
     SWITCH,
+    THREADS,
     Parser,
     Plan,
     UsageError,
@@ -166,8 +165,6 @@ def _run(args, shard: Shard | None) -> int:
         shard.require_same([(p.device, [c.key() for c in p.cases]) for p in planned], "the devices and cases")
     for plan in planned:
         check_writable(args.out / plan.device, "--out")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     measure.L2_FLUSH["cuda"] = SWITCH[args.l2_flush]
     os.environ[measure.L2_FLUSH_VARIABLE] = args.l2_flush  # for --isolate's child processes
     lead = shard is None or shard.rank == 0  # the one that speaks
@@ -350,7 +347,7 @@ def _run_parser(sub) -> None:
     run.add_argument(
         "--resume-mixed",
         action="store_true",
-        help="--resume even where kept rows were measured with other settings (threads, --min-time, "
+        help="--resume even where kept rows were measured with other settings (--min-time, "
         "--logit-std), which --resume refuses; the file then mixes rows measured two ways, each "
         "row recording its settings",
     )
@@ -360,7 +357,13 @@ def _run_parser(sub) -> None:
         help="measure each case, or each size's cases, in a child process, so that a case that runs "
         "out of memory or crashes costs its row, not the sweep (default: all in this process)",
     )
-    run.add_argument("--threads", type=AT_LEAST_ONE, help="torch intra-op threads (default: torch's)")
+    run.add_argument(
+        "--threads",
+        nargs="+",
+        type=THREADS,
+        metavar="T",
+        help=f"torch intra-op thread counts, each >= 1 or 'all' (torch's own, every core) {axes}",
+    )
     run.add_argument(
         "--l2-flush",
         choices=list(SWITCH),

@@ -12,14 +12,24 @@ import lsr
 from lsr.bench.results import FLOORS, PASSES, Case, Pass
 from lsr.types import Device
 
+ALL_CORES = "all"  # a Grid's threads value: torch's intra-op thread count when the cases are made
+
+
+def thread_count(threads: int | str) -> int:
+    """A threads axis value as a count: ALL_CORES is torch's current intra-op thread count."""
+    return torch.get_num_threads() if threads == ALL_CORES else int(threads)
+
 
 @dataclass(frozen=True)
 class Grid:
-    """A sweep: the cross product of its axes, and the two floor cases per (device, dtype, batch, classes).
+    """A sweep: the cross product of its axes, and the two floor cases per (device, dtype, batch,
+    classes, threads).
 
     ignore_fractions: fractions of the targets set to ignore_index (padding); weighted: class weights
-    off (False) and/or on (True). An implementation is left out of the cases it cannot take (too few
-    classes, a dtype, class weights or ignored targets it does not support, a device it does not run on).
+    off (False) and/or on (True); threads: torch intra-op thread counts, ALL_CORES for torch's own
+    (every core unless told otherwise). An implementation is left out of the cases it cannot take (too
+    few classes, a dtype, class weights or ignored targets it does not support, a device it does not
+    run on).
     """
 
     implementations: Sequence[str]
@@ -31,17 +41,20 @@ class Grid:
     passes: Sequence[Pass] = PASSES
     ignore_fractions: Sequence[float] = (0.0,)
     weighted: Sequence[bool] = (False,)
+    threads: Sequence[int | str] = (ALL_CORES,)
 
     def cases(self) -> Iterator[Case]:
-        """The floors first for each size, then, for each (ignore fraction, weights) in turn (one set of
-        inputs each), every implementation that takes the case."""
-        for device, dtype, batch, classes in itertools.product(
-            self.devices, self.dtypes, self.batches, self.classes
+        """For each size and thread count, the floors first, then, for each (ignore fraction, weights)
+        in turn (one set of inputs each), every implementation that takes the case."""
+        thread_counts = dict.fromkeys(map(thread_count, self.threads))
+        for device, dtype, batch, classes, threads in itertools.product(
+            self.devices, self.dtypes, self.batches, self.classes, thread_counts
         ):
             # The floors have no smoothing, targets or weights: recorded once per size, under the
             # sweep's first smoothing value, with no ignored target and no weights.
+            fwd_bwd = "forward+backward"
             for floor in FLOORS:
-                yield Case(floor, device, dtype, batch, classes, self.smoothings[0], "forward+backward")
+                yield Case(floor, device, dtype, batch, classes, self.smoothings[0], fwd_bwd, threads=threads)
             for ignore_fraction, weighted in itertools.product(self.ignore_fractions, self.weighted):
                 for name, smoothing, pass_ in itertools.product(
                     self.implementations, self.smoothings, self.passes
@@ -63,6 +76,7 @@ class Grid:
                             pass_,
                             ignore_fraction,
                             weighted,
+                            threads,
                         )
                         yield Case(*case)
 
@@ -76,10 +90,10 @@ def cases_of(grids: Iterable[Grid]) -> list[Case]:
     """The cases of several grids (a preset's, for one device) as one sweep: each case once, every
     size's cases together (floors first), and within a size each (ignore fraction, weights) together,
     in the order the grids first name them, so that each set of inputs is made once. A floor is
-    measured once per size, under the smoothing of the first grid that has the size."""
+    measured once per size and thread count, under the smoothing of the first grid that has them."""
     first: dict = {}
     for case in (case for grid in grids for case in grid.cases()):
-        floor_size = (case.implementation, case.device, case.dtype, case.batch, case.classes)
+        floor_size = (case.implementation, case.device, case.dtype, case.batch, case.classes, case.threads)
         first.setdefault(floor_size if case.is_floor else case, case)
     unique = list(first.values())
     sizes: dict[tuple, int] = {}
@@ -146,7 +160,9 @@ def field(device: str, dtypes: Sequence[str], batch: int, classes: int) -> Grid:
 #   full, 779 cases, about 18 minutes: float32 N 256, 1024, 4096 x C 100, 1000, 10000, 32768,
 #     smoothing 0 and 0.1, every pass (504 cases, 9 minutes); bfloat16 N 256, 1024, 4096 x
 #     C 1000, 10000, 32768, smoothing 0.1, every pass (198, 4.5 minutes); at N 1024 x C 32768 in
-#     float32 and bfloat16 the field (77 more, 3 minutes); compilation under 2 minutes.
+#     float32 and bfloat16 the field (77 more, 3 minutes); compilation under 2 minutes; and at
+#     N 4096 x C 1000, 10000, 32768, float32 and bfloat16, forward+backward at 1 thread (the
+#     all-cores cases are the grids' above), for the threads chart (about 66 cases).
 # Accelerators get larger sizes: their fixed launch costs hide everything below about 1M logits.
 #
 # CUDA, in two regimes, every implementation forward+backward (what a training step runs), smoothing
@@ -176,6 +192,14 @@ LM_CLASSES = (32000, 50257, 128256, 151936, 262144)  # Llama 2, GPT-2, Llama 3, 
 PAPER_BATCHES = (128, 1024)
 PAPER_CLASSES = (10, 100, 1000)  # CIFAR-10, CIFAR-100, ImageNet
 LM_DTYPES = ("bfloat16", "float32")
+
+
+def scaling(device: str, dtypes: Sequence[str], batch: int, classes: Sequence[int]) -> Grid:
+    """Every implementation forward+backward at one thread and at all cores: how each scales with
+    threads, beside the floor's own scaling (the memory system's)."""
+    return Grid(
+        registered(), [device], dtypes, [batch], classes, passes=["forward+backward"], threads=(1, ALL_CORES)
+    )
 
 
 def training_grid(device: str, dtypes: Sequence[str], batches: Sequence[int], classes: Sequence[int]) -> Grid:
@@ -227,6 +251,7 @@ PRESETS: dict[str, dict[str, tuple[Grid, ...]]] = {
                 registered(), ["cpu"], ["bfloat16"], batches=[256, 1024, 4096], classes=[1000, 10000, 32768]
             ),
             field("cpu", ["float32", "bfloat16"], 1024, 32768),
+            scaling("cpu", ["float32", "bfloat16"], 4096, [1000, 10000, 32768]),
         ),
         "cuda": gpu_grids(
             "cuda",

@@ -283,6 +283,35 @@ def _bandwidth(rows: list[dict], metadata: dict, dtype: str, *, variant: str = "
     return fig
 
 
+def _thread_scaling(rows: list[dict], metadata: dict, dtype: str, *, variant: str = "") -> Figure | None:
+    """Forward+backward speedup over one thread against the thread count, a panel per size measured
+    at several counts, a line per implementation with the floors' own (what the memory system gives)
+    and the ideal speedup = threads. None where no case was measured at 1 thread and more."""
+    scaling = {
+        key: steps for key, steps in selection.thread_scaling(rows).items() if key[2] == dtype and steps
+    }
+    sizes = sorted({(key[3], key[4]) for key in scaling}, key=lambda s: s[0] * s[1])
+    if not sizes:
+        return None
+    fig = style.figure(3.8 * len(sizes) + 1, 4.4)
+    axes = fig.subplots(1, len(sizes), squeeze=False)[0]
+    for ax, (batch, classes) in zip(axes, sizes, strict=True):
+        here = {key[0]: steps for key, steps in scaling.items() if (key[3], key[4]) == (batch, classes)}
+        counts = sorted({1, *(s.threads for steps in here.values() for s in steps)})
+        ax.plot(counts, counts, **style.REFERENCE, label="ideal: speedup = threads")
+        for name in [n for n in [*implementations(rows), *FLOORS] if n in here]:
+            points = [(1, 1.0), *((s.threads, s.speedup) for s in here[name])]
+            look = style.line_style(name) | style.FLOOR_MARKERS.get(name, {})
+            ax.plot(*zip(*points, strict=True), **look, alpha=0.85)
+        ax.set_xticks(counts)
+        ax.set_title(f"N = {batch}, C = {classes}")
+        ax.set_xlabel("torch intra-op threads")
+    axes[0].set_ylabel("fwd+bwd speedup over 1 thread")
+    style.legend_below(fig, columns=2 * len(sizes) + 1)
+    fig.suptitle(style.title("speedup over one thread vs threads", metadata, dtype, variant))
+    return fig
+
+
 DRAW: dict[str, Chart] = {
     "time_vs_batch": partial(_line_grid, quantity=TIME, x_axis="batch"),
     "time_vs_classes": partial(_line_grid, quantity=TIME, x_axis="classes"),
@@ -291,7 +320,11 @@ DRAW: dict[str, Chart] = {
     "speedup": _speedup_heatmaps,
     "floor_multiple": _floor_multiple,
     "bandwidth": _bandwidth,
+    "thread_scaling": _thread_scaling,
 }
+# Every chart but the threads chart shows the rows at all cores: a case measured at 1 thread too
+# appears once there.
+ALL_THREADS_CHARTS = ("thread_scaling",)
 assert tuple(DRAW) == CHARTS, "every chart the summary links is drawn here"
 
 
@@ -342,7 +375,8 @@ def _plot_machine(rows: list[dict], metadata: dict, out_dir: Path) -> list[Path]
         for suffix, label, subset in variants(rows):
             for dtype in dtypes(subset):
                 for chart, draw in DRAW.items():
-                    fig = draw(subset, metadata, dtype, variant=label)
+                    shown = subset if chart in ALL_THREADS_CHARTS else selection.at_all_cores(subset)
+                    fig = draw(shown, metadata, dtype, variant=label)
                     if fig is not None:
                         written.append(style.save(fig, out_dir / chart_file(chart, dtype, suffix)))
     return written

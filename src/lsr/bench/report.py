@@ -16,6 +16,7 @@ from lsr.bench.selection import (
     FWD_BWD,
     VARIANT_AXES,
     MiB,
+    at_all_cores,
     bandwidth,
     chart_file,
     copy_bandwidth,
@@ -25,6 +26,8 @@ from lsr.bench.selection import (
     is_floor,
     ok_rows,
     ratio,
+    scaling_of,
+    thread_scaling,
     variant_label,
     variants,
     varying_axes,
@@ -52,7 +55,7 @@ RUN_HEADERS = (
 )
 
 
-def _run_cells(r: dict, floor: dict | None, variant: list[str]) -> list:
+def _run_cells(r: dict, floor: dict | None, variant: list) -> list:
     """One row of `format_run_table`: the ratio to its floor and the bandwidth for measured
     forward+backward rows only."""
     ok = r["status"] == "ok"
@@ -81,16 +84,19 @@ def format_run_table(rows: list[dict]) -> str:
     """What `lsr-bench run` prints: medians, one line per case, with forward+backward's ratio to the
     floor of its kind (x floor), the bandwidth it achieved (and its share of the copy bandwidth) and
     the peak memory; a variant column where the rows have more than one smoothing, ignore fraction or
-    weighting. A line under the table says what x floor and GB/s are."""
-    floors = {(r["device"], *_size_key(r)): r for r in ok_rows(rows) if is_floor(r)}
+    weighting, and a threads column where they have more than one thread count (each row's floor is
+    the one at its thread count). A line under the table says what x floor and GB/s are."""
+    floors = {(r["device"], r.get("threads"), *_size_key(r)): r for r in ok_rows(rows) if is_floor(r)}
     varying = [i for i in varying_axes(rows) if VARIANT_AXES[i] != "device"]  # device has a column
+    threads = len({r.get("threads") for r in rows}) > 1
     lines = []
     for r in rows:
-        floor = floors.get((r["device"], *_size_key(r, floor_for(r["implementation"]))))
-        variant = variant_label(r, varying) if not is_floor(r) else ""
-        lines.append(_run_cells(r, floor, [variant] if varying else []))
-    headers = [*RUN_HEADERS[:6], *(["variant"] if varying else []), *RUN_HEADERS[6:], "status"]
-    table = format_table(headers, lines, align="lllrrl" + "l" * bool(varying) + "rrrrrrl")
+        floor = floors.get((r["device"], r.get("threads"), *_size_key(r, floor_for(r["implementation"]))))
+        variant = [variant_label(r, varying) if not is_floor(r) else ""] if varying else []
+        lines.append(_run_cells(r, floor, variant + ([r.get("threads")] if threads else [])))
+    extra = (["variant"] if varying else []) + (["threads"] if threads else [])
+    headers = [*RUN_HEADERS[:6], *extra, *RUN_HEADERS[6:], "status"]
+    table = format_table(headers, lines, align="lllrrl" + "l" * bool(varying) + "r" * threads + "rrrrrrl")
     return f"{table}\n{RUN_NOTE}"
 
 
@@ -171,6 +177,12 @@ def representative_sizes(rows: list[dict], dtype: str) -> list[tuple[int, int]]:
     return [sizes[0], sizes[len(sizes) // 2], sizes[-1]]
 
 
+def _efficiency(r: dict, scaling: dict) -> str:
+    """r's parallel efficiency, speedup over 1 thread / threads, where the run measured both."""
+    step = scaling_of(r, scaling)
+    return f"{step.efficiency:.2f}" if step is not None else ""
+
+
 def _summary_cells(r: dict, of: dict[str, dict | None], metadata: dict) -> list[str]:
     """One row of the summary table: r against its floor, native and dense (`of`: the rows at its size)."""
     floor = is_floor(r)
@@ -193,16 +205,23 @@ def _summary_cells(r: dict, of: dict[str, dict | None], metadata: dict) -> list[
 
 
 def summary_table(rows: list[dict], dtype: str, metadata: dict | None = None) -> str:
-    """Forward+backward at the representative sizes: time, IQR, floor multiple, bandwidth, speedups
-    and memory, as a Markdown table (a row per implementation and size, the floors last at each)."""
+    """Forward+backward at the representative sizes, at all cores: time, IQR, floor multiple,
+    bandwidth, speedups and memory, as a Markdown table (a row per implementation and size, the
+    floors last at each); and where the run measured a size at 1 thread too, a parallel efficiency
+    column (speedup over 1 thread / threads: compare it with the floors' own)."""
+    scaling = thread_scaling(rows)
+    rows = at_all_cores(rows)
     index = index_rows(rows)
     table = []
     for n, c in representative_sizes(rows, dtype):
         of = {
             name: index.get((name, FWD_BWD, dtype, n, c)) for name in [*implementations(rows), *FLOOR_NAMES]
         }
-        table += [_summary_cells(r, of, metadata or {}) for r in of.values() if r]
-    return format_table(SUMMARY_HEADERS, table, markdown=True, align="rrlrrrrrrrrr")
+        table += [[*_summary_cells(r, of, metadata or {}), _efficiency(r, scaling)] for r in of.values() if r]
+    headers = [*SUMMARY_HEADERS, "parallel efficiency"]
+    if not any(line[-1] for line in table):  # no size measured at 1 thread: no column
+        headers, table = headers[:-1], [line[:-1] for line in table]
+    return format_table(headers, table, markdown=True, align="rrlrrrrrrrrrr"[: len(headers)])
 
 
 def describe_timing(metadata: dict) -> str | None:

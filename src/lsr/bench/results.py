@@ -1,6 +1,6 @@
 """Results data: one tidy CSV per run (a row per case) and a JSON file describing the machine.
 
-Schema of `results.csv` (version 4, validated by `read_rows`):
+Schema of `results.csv` (version 5, validated by `read_rows`):
 
 | column | type | meaning |
 |---|---|---|
@@ -18,7 +18,8 @@ Schema of `results.csv` (version 4, validated by `read_rows`):
 | wall_median_s | float | the median of one call by the host clock with the device synchronised, kept beside CUDA events as a cross-check; empty where it is median_s itself (perf_counter) (since 4) |
 | host_s | float | median host time to enqueue one call, without waiting for the device: a case whose host_s is close to median_s is launch-bound (CUDA; empty on CPU, where calls run synchronously) (since 4) |
 | first_call_s | float | the timed pass's first call, seconds, made before the gate: compilation, autotuning and warm-up included where this process meets them first (e.g. a compiled implementation's first case of a dtype); the median excludes it (since 3) |
-| runs, threads | int | calls timed, and torch's intra-op thread count |
+| runs | int | calls timed |
+| threads | int | torch's intra-op thread count the case ran with; part of the case key since 5 (a run may measure a case at 1 thread and at all cores) |
 | min_time, logit_std | float | the run's timing budget per case (s) and the logits' standard deviation (since 2) |
 | peak_bytes | int | peak bytes allocated above those allocated before the pass (empty where not measurable) |
 | peak_rss_bytes | int | the process's peak resident set during the pass (CPU on Linux only) |
@@ -93,10 +94,11 @@ CASE_KEY = (
     "pass",
     "ignore_fraction",
     "weighted",
+    "threads",
 )
 IGNORE_INDEX = -100  # the target value of an ignored row (F.cross_entropy's default)
 RESULTS_FILE, METADATA_FILE = "results.csv", "metadata.json"
-SCHEMA_VERSION = 4  # of results.csv and metadata.json; raise it with every column or status added
+SCHEMA_VERSION = 5  # of results.csv and metadata.json; raise it with every column or status added
 # Other processes using more than this fraction of the machine's CPU time during a case make it busy.
 BUSY_LOAD = 0.10
 
@@ -114,6 +116,7 @@ class Case:
     pass_: Pass
     ignore_fraction: float = 0.0  # of the targets, set to IGNORE_INDEX
     weighted: bool = False  # class weights on
+    threads: int | None = None  # torch's intra-op threads; None: whatever torch has when it runs
 
     def key(self) -> tuple:
         return case_key(self.as_dict())

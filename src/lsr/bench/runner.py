@@ -21,7 +21,7 @@ import pickle
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -62,7 +62,8 @@ __all__ = [
 ]
 
 ISOLATION = (None, "case", "size")
-SETTINGS = ("threads", "min_time", "logit_std")  # the columns that change what a row measures
+# The run-wide columns that change what a row measures (threads is part of the case since schema 5)
+SETTINGS = ("min_time", "logit_std")
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -101,7 +102,8 @@ def is_out_of_memory(error: BaseException) -> bool:
 def base_row(case: Case) -> dict:
     """The row of `case` before anything is measured, with the settings it is measured under."""
     kind = FLOOR if case.is_floor else lsr.get(case.implementation).smoothing_kind
-    return new_row(case, kind) | {"threads": torch.get_num_threads(), "machine": machine_name()}
+    threads = torch.get_num_threads() if case.threads is None else case.threads
+    return new_row(case, kind) | {"threads": threads, "machine": machine_name()}
 
 
 def failure(error: BaseException, context: str = "") -> dict:
@@ -199,17 +201,28 @@ def measure_cases(
     copy_bandwidths: dict[str, float | None] | None = None,
     cuda_device: int | None = None,
 ) -> Iterator[dict]:
-    """A row per case, in order, each set of inputs made once. The one place cases are measured: in
-    this process, or in an isolated child (hence `threads`: a child starts with torch's default,
+    """A row per case, in order, each set of inputs made once, each case at its thread count (torch's
+    count is restored at the end). The one place cases are measured: in this process, or in an
+    isolated child (hence `threads`, for cases that name none: a child starts with torch's default,
     `copy_bandwidths`, by device: the parent's measurement, so that every row of a run shares it, and
     `cuda_device`: the GPU "cuda" means, a sharded sweep's rank's own)."""
     copy_bandwidths = copy_bandwidths or {}
-    if threads is not None:
-        torch.set_num_threads(threads)
+    own_threads = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        yield from _measure_cases(cases, logit_std, min_time, loss_fns, copy_bandwidths, cuda_device)
+    finally:
+        torch.set_num_threads(own_threads)
+
+
+def _measure_cases(cases, logit_std, min_time, loss_fns, copy_bandwidths, cuda_device) -> Iterator[dict]:
     if cuda_device is not None:
         torch.cuda.set_device(cuda_device)
+    default_threads = torch.get_num_threads()
     size, problem, problem_error = None, None, None
     for case in cases:
+        torch.set_num_threads(default_threads if case.threads is None else case.threads)
         why_not = measure.refusal(case)
         if why_not is None and _size(case) != size:
             size, problem, problem_error = _size(case), None, None
@@ -290,6 +303,7 @@ def _metadata(out_dir: Path, cases: list[Case], settings: dict, resume: bool, **
     devices = sorted({case.device for case in cases}) or ["cpu"]
     metadata = environment(",".join(devices), **extra)
     metadata["settings"] = settings
+    metadata["thread_counts"] = sorted({case.threads for case in cases if case.threads is not None})
     previous = read_metadata(out_dir) if resume else {}
     if previous:
         metadata["resumed"] = [
@@ -369,7 +383,7 @@ def run_sweep(
 
     resume: keep the rows already in out_dir and skip the cases measured ok; this grid's cases that
     are not ok are measured again, rows of other cases are kept as they were. Refused (ResumeRefused)
-    when a row kept was measured with other settings (threads, min_time, logit_std).
+    when a row kept was measured with other settings (min_time, logit_std).
     resume_mixed: resume anyway, keeping those rows: the file then mixes rows measured two ways (each
     row says how; metadata["resumed"] lists the earlier runs' settings).
     isolate: None measures in this process; "case" runs each case in a child process, "size" each
@@ -388,14 +402,17 @@ def run_sweep(
     (BusyMachineWarning) when other processes used more than BUSY_LOAD of the machine while cases
     were timed: `busy_rows` finds them.
     """
-    cases, loss_fns = list(dict.fromkeys(cases)), dict(loss_fns or {})  # each case once
+    # Each case once, at its thread count: torch's own now for a case that names none
+    now = torch.get_num_threads()
+    cases = list(dict.fromkeys(c if c.threads is not None else replace(c, threads=now) for c in cases))
+    loss_fns = dict(loss_fns or {})
     _check_isolation(isolate, loss_fns)
     out_dir.mkdir(parents=True, exist_ok=True)
     if resume and merge.MACHINES in read_metadata(out_dir):  # rows of one case on several machines
         raise ValueError(
             f"cannot resume {out_dir}: it holds the results of several machines (lsr-bench merge)"
         )
-    settings = {"threads": torch.get_num_threads(), "min_time": min_time, "logit_std": logit_std}
+    settings = {"min_time": min_time, "logit_std": logit_std}
     run = Run(cases, out_dir, settings, resume, resume_mixed, isolate, loss_fns, progress)
     record = {"preset": preset, "grid": grid, "isolate": isolate}
     return run.alone(record) if shard is None else run.sharded(shard, record)
@@ -429,7 +446,7 @@ class Run:
         """measure_cases' arguments after the cases."""
         copy = metadata["copy_bandwidth_bytes_per_s"]
         s = self.settings
-        return s["logit_std"], s["min_time"], self.loss_fns, s["threads"], copy, cuda_device
+        return s["logit_std"], s["min_time"], self.loss_fns, torch.get_num_threads(), copy, cuda_device
 
     def alone(self, record: dict) -> list[dict]:
         """The sweep in this process alone."""

@@ -1,6 +1,7 @@
 """Which rows a chart or a table shows: the measured ones, indexed by case; the implementations in run
 order; the floor each is measured against; the bandwidth a row achieved; one variant (device,
-smoothing, ignore fraction, weighting) at a time; and the chart files' names.
+smoothing, ignore fraction, weighting) at a time; the rows at all cores, and how each case scaled
+from one thread to them; and the chart files' names.
 
 `lsr.bench.plot`, `lsr.bench.report` and `lsr.bench.ship` all select through here, so the charts and
 the tables always show the same rows.
@@ -22,6 +23,7 @@ CHARTS = (
     "speedup",
     "floor_multiple",
     "bandwidth",
+    "thread_scaling",
 )
 IndexKey = tuple[str, str, str, int, int]  # implementation, pass, dtype, batch, classes
 # What splits a run into variants: a chart or table shows one of each, so rows of two never mix.
@@ -79,6 +81,76 @@ def bandwidth(r: dict, metadata: dict | None = None) -> tuple[float | None, floa
     copy = copy_bandwidth(metadata or {}, r["device"])
     fraction = r.get("bandwidth_fraction")
     return achieved, fraction if fraction is not None else (achieved / copy if copy else None)
+
+
+def at_all_cores(rows: list[dict]) -> list[dict]:
+    """The rows measured at the largest thread count of their machine and device (every core, unless
+    the run was told otherwise): what the charts and tables other than the threads chart show, so
+    that a case measured at 1 thread and at all cores appears once. Rows without a count are kept.
+
+    >>> rows = [{"machine": "m", "device": "cpu", "threads": t, "implementation": "native"} for t in (1, 2)]
+    >>> [r["threads"] for r in at_all_cores(rows)]
+    [2]
+    """
+    most: dict[tuple, int] = {}
+    for r in rows:
+        if r.get("threads") is not None:
+            group = (r.get("machine") or "", r["device"])
+            most[group] = max(most.get(group, 0), r["threads"])
+    return [
+        r
+        for r in rows
+        if r.get("threads") is None or r["threads"] == most[(r.get("machine") or "", r["device"])]
+    ]
+
+
+class Scaling(NamedTuple):
+    """How one forward+backward case scaled: its median at one thread over its median at `threads`."""
+
+    one: dict  # the 1-thread row
+    many: dict  # the row at `threads`
+    threads: int
+
+    @property
+    def speedup(self) -> float:
+        return self.one["median_s"] / self.many["median_s"]
+
+    @property
+    def efficiency(self) -> float:
+        """speedup / threads: 1 is perfect scaling."""
+        return self.speedup / self.threads
+
+
+def thread_scaling(rows: list[dict]) -> dict[tuple, list[Scaling]]:
+    """For each measured forward+backward case (by its key without threads) that has a 1-thread row,
+    its scaling to every other thread count measured, fewest threads first.
+
+    >>> row = {"status": "ok", "pass": FWD_BWD, "implementation": "floor", "device": "cpu",
+    ...        "dtype": "float32", "batch": 8, "classes": 4, "smoothing": 0.1}
+    >>> rows = [row | {"threads": 1, "median_s": 3.0}, row | {"threads": 2, "median_s": 2.0}]
+    >>> [(s.threads, s.speedup, s.efficiency) for s in thread_scaling(rows)[("floor", "cpu", "float32", 8, 4, 0.1, FWD_BWD, 0.0, False)]]
+    [(2, 1.5, 0.75)]
+    """
+    by_case: dict[tuple, dict[int, dict]] = {}
+    for r in ok_rows(rows):
+        if r["pass"] == FWD_BWD and r.get("threads") is not None:
+            by_case.setdefault(_key_but_threads(r), {})[r["threads"]] = r
+    return {
+        key: [Scaling(counts[1], counts[t], t) for t in sorted(counts) if t != 1]
+        for key, counts in by_case.items()
+        if 1 in counts and len(counts) > 1
+    }
+
+
+def scaling_of(r: dict, scaling: dict[tuple, list[Scaling]]) -> Scaling | None:
+    """r's scaling from one thread to r's own thread count, where the run measured both."""
+    return next((s for s in scaling.get(_key_but_threads(r), []) if s.threads == r.get("threads")), None)
+
+
+def _key_but_threads(r: dict) -> tuple:
+    """r's case key without its thread count (a row older than ignore_fraction and weighted: 0, False)."""
+    case = tuple(r[k] for k in ("implementation", "device", "dtype", "batch", "classes", "smoothing", "pass"))
+    return (*case, r.get("ignore_fraction") or 0.0, bool(r.get("weighted")))
 
 
 def variant_of(r: dict) -> tuple:

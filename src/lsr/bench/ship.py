@@ -14,7 +14,7 @@ from collections import defaultdict
 
 import lsr
 from lsr.bench.results import FLOOR, floor_for
-from lsr.bench.selection import FWD_BWD, MiB, implementations, is_floor, ratio
+from lsr.bench.selection import FWD_BWD, MiB, at_all_cores, implementations, is_floor, ratio
 from lsr.bench.tables import format_table
 
 __all__ = ["GROUPS", "format_ship_report", "format_ship_tables", "ship_rows", "ship_section", "ship_tables"]
@@ -45,10 +45,11 @@ CaseKey = tuple[str, str, float, int, int]  # device, dtype, smoothing, N, C
 
 
 def ship_rows(rows: list[dict]) -> list[dict]:
-    """The rows the choice is made from: forward+backward, smoothing > 0, nothing ignored, unweighted."""
+    """The rows the choice is made from: forward+backward, smoothing > 0, nothing ignored, unweighted,
+    at all cores."""
     return [
         r
-        for r in rows
+        for r in at_all_cores(rows)
         if not is_floor(r)
         and r["pass"] == FWD_BWD
         and r["smoothing"] > 0

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from lsr.bench import style
 from lsr.bench.results import FLOORS
-from lsr.bench.selection import FWD_BWD, implementations, ok_rows, variants
+from lsr.bench.selection import FWD_BWD, at_all_cores, implementations, ok_rows, variants
 
 __all__ = ["plot_side_by_side", "shared_shapes", "side_by_side_figure"]
 
@@ -35,8 +35,9 @@ def shared_shapes(sources: list[Source]) -> list[Shape]:
 
 
 def main_variant(rows: list[dict]) -> tuple[str, list[dict]]:
-    """The label and rows of the run's variant with the most rows (the label empty where it has one)."""
-    _, label, subset = max(variants(rows), key=lambda v: len(v.rows))
+    """The label and rows of the run's variant with the most rows (the label empty where it has one),
+    at all cores."""
+    _, label, subset = max(variants(at_all_cores(rows)), key=lambda v: len(v.rows))
     return label, subset
 
 

@@ -522,6 +522,11 @@ class FusedLSRLoss(LabelSmoothingLoss):
         self.validate_targets = validate_targets
         self.gradient_in_forward = gradient_in_forward
         self.register_buffer("weight", weight)
+        if gradient_in_forward:
+            from lsr.fused import onepass_cpu
+
+            # Load the C++ kernel now, eagerly: a torch.compile trace cannot, and would run without it
+            onepass_cpu.backend()
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return _fused(

@@ -10,11 +10,19 @@ Two implementations of `forward_gradient`, chosen by `backend()`:
   code), cached under TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions). While a row is in
   cache it sweeps it for the max, writes exp(z - m) while summing, then scales it in place: only
   the first read and the last write go to memory. Half inputs keep exp(z - m) in a float32 row
-  buffer. Rows run in parallel on torch's intra-op threads.
+  buffer. Rows run in parallel on torch's intra-op threads: the build has -fopenmp where torch was
+  built with OpenMP (`openmp()`), since at::parallel_for's pragma is ignored without it and the
+  kernel would run on one thread; `threads_used()` tells how many threads ran the last call.
 - "torch": the same math in plain PyTorch over blocks of rows (temporaries of about
-  BLOCK_ELEMENTS logits); whole tensors inside a torch.compile region, or on other devices.
+  BLOCK_ELEMENTS logits); whole tensors on other devices.
 "auto" (the default) takes "cpp" for CPU tensors when it builds, "torch" otherwise (with a warning
 saying why, once).
+
+Inside a torch.compile region the C++ op is called as one node of the graph: it is registered with
+a fake kernel (shapes only) and its schema marks the logits as written (`Tensor(a!)`), so inductor
+calls it as an extern kernel and orders the reads of the logits around it. Tracing cannot build or
+load it, so it must be loaded before (`extension()`; `FusedLSRLoss(..., gradient_in_forward=True)`
+and any eager call do); a trace that finds it unloaded takes the plain-PyTorch version.
 """
 
 from __future__ import annotations
@@ -108,14 +116,39 @@ def build_problem() -> str | None:
     return None
 
 
+def openmp() -> bool:
+    """Whether the kernel is built with OpenMP: where torch has it, unless LSR_ONEPASS_OPENMP=0 (a
+    switch for the test that shows a serial build is caught)."""
+    return torch._C.has_openmp and os.environ.get("LSR_ONEPASS_OPENMP", "1") != "0"
+
+
 def _build_name() -> str:
-    """The build's name, hence its cache folder: per ISA and torch version (the cache keys builds by
-    source and flags only, and a build for another torch's ABI would load and crash)."""
+    """The build's name, hence its cache folder: per ISA, OpenMP and torch version (the cache keys
+    builds by source and flags only, and a build for another torch's ABI would load and crash)."""
     version = re.sub(r"[^0-9A-Za-z]+", "_", torch.__version__)
-    return f"lsr_onepass_{isa().lower()}_torch{version}"
+    return f"lsr_onepass_{isa().lower()}{'_omp' if openmp() else '_serial'}_torch{version}"
+
+
+def threads_used() -> int:
+    """How many distinct intra-op threads ran rows in the C++ kernel's last call (0 before any)."""
+    module = extension()
+    if module is None:
+        raise RuntimeError(f"the one-pass C++ kernel is unavailable: {build_problem()}")
+    return int(module.threads_used())
 
 
 BUILD_SECONDS: float | None = None  # how long `extension()` took to build or load, once it has
+_LOADED = None  # torch.ops.lsr_onepass once `extension()` has loaded it: what a compiled trace reads
+
+
+def _register_fake() -> None:
+    """Shapes for torch.compile's tracing: (M,) row losses in the compute dtype; the logits are
+    mutated in place, which the op's schema says."""
+
+    @torch.library.register_fake("lsr_onepass::forward_gradient")
+    def _(logits, target, weight, scale, smoothing, sparse, paper_eps):
+        acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        return logits.new_empty(logits.shape[0], dtype=acc_dtype)
 
 
 @functools.cache
@@ -123,17 +156,21 @@ def extension():
     """The compiled kernel's ops, `torch.ops.lsr_onepass` (built at first call, then loaded from the
     cache), or None with a warning when it cannot be built here. With LSR_ONEPASS_CPP=1 (CI) it
     raises instead of falling back."""
-    global BUILD_SECONDS
+    global BUILD_SECONDS, _LOADED
     problem = build_problem()
     if problem is None:
         from torch.utils.cpp_extension import load
 
         start = time.perf_counter()
+        # As torch's own build (module docstring). The library links libgomp.so.1, which resolves to
+        # the one torch loaded: one OpenMP runtime, one thread pool, torch.set_num_threads obeyed.
+        parallel = ["-fopenmp"] if openmp() else []
         try:
             load(
                 name=_build_name(),
                 sources=[str(_SOURCE)],
-                extra_cflags=["-O3", *_ISA_FLAGS.get(isa(), [])],
+                extra_cflags=["-O3", *parallel, *_ISA_FLAGS.get(isa(), [])],
+                extra_ldflags=parallel,
                 is_python_module=False,  # a dispatcher op library (TORCH_LIBRARY), loaded into torch.ops
                 verbose=os.environ.get("LSR_ONEPASS_VERBOSE") == "1",
             )
@@ -141,7 +178,10 @@ def extension():
             problem = f"building {_SOURCE.name} failed: {error}"
         else:
             BUILD_SECONDS = time.perf_counter() - start
-            return torch.ops.lsr_onepass
+            if _LOADED is None:  # once per process, however often the cache is cleared
+                _register_fake()
+            _LOADED = torch.ops.lsr_onepass
+            return _LOADED
     if os.environ.get("LSR_ONEPASS_CPP") == "1":
         raise RuntimeError(f"LSR_ONEPASS_CPP=1 but the one-pass C++ kernel is unavailable: {problem}")
     warnings.warn(
@@ -186,9 +226,14 @@ def forward_gradient(
         raise TypeError(f"scale and weight must be {acc_dtype} for {logits.dtype} logits")
     if sparse and logits.shape[1] < 2:
         raise ValueError("SparseLSR needs at least 2 classes")
-    use_cpp = logits.device.type == "cpu" and not torch.compiler.is_compiling() and backend() == "cpp"
+    if logits.device.type != "cpu":
+        use_cpp = False
+    elif torch.compiler.is_compiling():  # a trace cannot build or load the op: it uses it if loaded
+        use_cpp = _backend != "torch" and _LOADED is not None
+    else:
+        use_cpp = backend() == "cpp"
     if use_cpp:
-        module = extension()
+        module = _LOADED if torch.compiler.is_compiling() else extension()
         if module is None:
             raise RuntimeError(f"the one-pass C++ kernel is unavailable: {build_problem()}")
         row_loss = module.forward_gradient(

@@ -10,7 +10,10 @@
 // Only step 1's read and step 3's write go to memory. Rows run in parallel (at::parallel_for).
 //
 // Built per vector ISA by onepass_cpu.py (torch.utils.cpp_extension.load, -O3, CPU_CAPABILITY set
-// to the one torch itself dispatches to on this machine), so at::vec::Vectorized is AVX2 or AVX-512.
+// to the one torch itself dispatches to on this machine), so at::vec::Vectorized is AVX2 or AVX-512,
+// and with -fopenmp where torch has OpenMP: at::parallel_for is a header template whose
+// `#pragma omp parallel` is ignored without it, and the whole range then runs on the calling thread.
+// `threads_used()` says how many distinct threads ran rows in the last call, so a test can tell.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -21,6 +24,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -269,6 +273,10 @@ double onepass_row(
   return r.loss;
 }
 
+// The distinct at::get_thread_num() values that ran rows in the last call (threads_used()).
+constexpr int kMaxRecordedThreads = 1024;
+std::atomic<int64_t> g_threads_used{0};
+
 template <typename scalar_t>
 void forward_gradient_typed(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
@@ -283,7 +291,9 @@ void forward_gradient_typed(
   acc_t* loss = row_loss.data_ptr<acc_t>();
   // About 64K logits per task: enough work to amortise the task, enough tasks to balance threads
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(C, 1));
+  std::vector<std::atomic<bool>> seen(kMaxRecordedThreads);
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    seen[std::min(at::get_thread_num(), kMaxRecordedThreads - 1)].store(true, std::memory_order_relaxed);
     std::vector<acc_t> buffer;  // the float32 row of exp(z - m) for half inputs
     if constexpr (!std::is_same_v<scalar_t, acc_t>) buffer.resize(C);
     for (int64_t i = begin; i < end; ++i) {
@@ -299,6 +309,7 @@ void forward_gradient_typed(
           onepass_row<scalar_t, acc_t>(row, e, next_row, t[i], w, static_cast<double>(s[i]), P));
     }
   });
+  g_threads_used = std::count_if(seen.begin(), seen.end(), [](const auto& b) { return b.load(); });
 }
 
 at::Tensor forward_gradient(
@@ -319,11 +330,16 @@ at::Tensor forward_gradient(
     P.weight_sum = weight->sum(at::kDouble).item<double>();
   }
   at::Tensor row_loss = at::empty({M}, logits.options().dtype(acc));
+  g_threads_used = 0;
   if (M == 0 || C == 0) return row_loss;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "onepass_forward_gradient", [&] {
     forward_gradient_typed<scalar_t>(logits, target, weight, scale, row_loss, P);
   });
   return row_loss;
+}
+
+int64_t threads_used() {
+  return g_threads_used.load();
 }
 
 }  // namespace
@@ -333,6 +349,7 @@ TORCH_LIBRARY(lsr_onepass, m) {
   m.def(
       "forward_gradient(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor scale, float smoothing, "
       "bool sparse, float paper_eps) -> Tensor");
+  m.def("threads_used() -> int", &threads_used);
 }
 
 TORCH_LIBRARY_IMPL(lsr_onepass, CPU, m) {

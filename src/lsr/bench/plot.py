@@ -290,7 +290,9 @@ def _thread_scaling(rows: list[dict], metadata: dict, dtype: str, *, variant: st
     scaling = {
         key: steps for key, steps in selection.thread_scaling(rows).items() if key[2] == dtype and steps
     }
-    sizes = sorted({(key[3], key[4]) for key in scaling}, key=lambda s: s[0] * s[1])
+    # The sizes where an implementation, not only a floor (which every variant's rows include), scaled
+    measured = {(key[3], key[4]) for key in scaling if key[0] not in FLOORS}
+    sizes = sorted(measured, key=lambda s: s[0] * s[1])
     if not sizes:
         return None
     fig = style.figure(3.8 * len(sizes) + 1, 4.4)

@@ -128,7 +128,8 @@ def thread_scaling(rows: list[dict]) -> dict[tuple, list[Scaling]]:
     >>> row = {"status": "ok", "pass": FWD_BWD, "implementation": "floor", "device": "cpu",
     ...        "dtype": "float32", "batch": 8, "classes": 4, "smoothing": 0.1}
     >>> rows = [row | {"threads": 1, "median_s": 3.0}, row | {"threads": 2, "median_s": 2.0}]
-    >>> [(s.threads, s.speedup, s.efficiency) for s in thread_scaling(rows)[("floor", "cpu", "float32", 8, 4, 0.1, FWD_BWD, 0.0, False)]]
+    >>> rows[1]["smoothing"] = 0.0  # a floor's smoothing is unused: the two still pair
+    >>> [(s.threads, s.speedup, s.efficiency) for s in thread_scaling(rows)[("floor", "cpu", "float32", 8, 4, None, FWD_BWD, 0.0, False)]]
     [(2, 1.5, 0.75)]
     """
     by_case: dict[tuple, dict[int, dict]] = {}
@@ -148,8 +149,11 @@ def scaling_of(r: dict, scaling: dict[tuple, list[Scaling]]) -> Scaling | None:
 
 
 def _key_but_threads(r: dict) -> tuple:
-    """r's case key without its thread count (a row older than ignore_fraction and weighted: 0, False)."""
-    case = tuple(r[k] for k in ("implementation", "device", "dtype", "batch", "classes", "smoothing", "pass"))
+    """r's case key without its thread count (a row older than ignore_fraction and weighted: 0, False),
+    and for a floor without its smoothing, which it does not use: a size's floors at two thread counts
+    may have been recorded under two grids' first smoothing values."""
+    smoothing = None if is_floor(r) else r["smoothing"]
+    case = (r["implementation"], r["device"], r["dtype"], r["batch"], r["classes"], smoothing, r["pass"])
     return (*case, r.get("ignore_fraction") or 0.0, bool(r.get("weighted")))
 
 

@@ -19,9 +19,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from lsr.bench.environment import environment
 from lsr.bench.measure import Measurement, cpu_peak_bytes, time_pass
-from lsr.bench.tables import format_table
+from lsr.bench.measure.machine import environment
+from lsr.bench.report.tables import format_table
 from lsr.fused import cpu_options, fused_label_smoothing, fused_sparse_label_smoothing
 from lsr.sparse import sparse_label_smoothing
 

@@ -24,8 +24,8 @@ from collections.abc import Callable
 
 import torch
 
-from lsr.bench.environment import environment
-from lsr.bench.tables import format_table
+from lsr.bench.measure.machine import environment
+from lsr.bench.report.tables import format_table
 from lsr.fused import fused_label_smoothing, onepass_cpu
 
 SMOOTHING = 0.1

@@ -11,7 +11,6 @@ import torch
 
 import lsr
 from lsr.fused import cpu_options
-from lsr.peers import NAMES as PEERS
 
 # The Ctrl-C tests send SIGINT to real processes. A shell that starts the suite in the background
 # ignores SIGINT, and the ignore is inherited across exec: restore Python's handler, so that this
@@ -47,7 +46,7 @@ def device(request) -> str:
 def cpu_implementations() -> list[lsr.Implementation]:
     """The project's own losses on CPU. The peers (lsr.peers) have their own tests, test_peers.py:
     they are other projects' code, held to the gate, not to every guarantee the project makes."""
-    return [impl for impl in lsr.available("cpu") if impl.name not in PEERS]
+    return [impl for impl in lsr.available("cpu") if not impl.peer]
 
 
 @pytest.fixture(params=[impl.name for impl in cpu_implementations()])

@@ -54,7 +54,8 @@ def plain_grad(fn, logits, target, **kwargs):
 def check(fn, ref, logits, target, rtol=None, atol=None, **kwargs):
     """`fn` agrees with the float64 `ref` in loss and gradient, with dtypes and shapes as expected."""
     default_rtol, default_atol = TOLERANCE[logits.dtype]
-    rtol, atol = rtol or default_rtol, atol or default_atol
+    rtol = default_rtol if rtol is None else rtol  # an explicit 0 stays 0
+    atol = default_atol if atol is None else atol
     loss, grad = loss_and_grad(fn, logits, target, **kwargs)
     ref_loss, ref_grad = loss_and_grad(ref, logits.double(), target, **kwargs)
     assert loss.dtype == logits.dtype and loss.shape == ref_loss.shape

@@ -12,11 +12,11 @@ import lsr
 from helpers import run_pytest
 from lsr.bench import measure
 from lsr.bench.cli import main as cli_main
-from lsr.bench.compare import compare
-from lsr.bench.grid import Grid
-from lsr.bench.report import CHARTS
-from lsr.bench.results import FLOOR, FLOOR_ALLOC, Case, SchemaError, read_metadata, read_rows, write_rows
-from lsr.bench.runner import run_sweep
+from lsr.bench.data import FLOOR, FLOOR_ALLOC, Case, SchemaError, read_metadata, read_rows, write_rows
+from lsr.bench.report.compare import compare
+from lsr.bench.report.summary import CHARTS
+from lsr.bench.sweep.grid import Grid
+from lsr.bench.sweep.runner import run_sweep
 
 EAGER = ["native", "dense", "sparse"]
 TINY = Grid(EAGER, ["cpu"], ["float32"], batches=[8, 32], classes=[10])
@@ -56,7 +56,7 @@ def test_cpu_meter_ignores_what_existed_before():
 def test_native_forward_backward_peak_is_three_logits():
     """log_softmax saved for backward, its gradient, the input's gradient: 3 x 4 MB at 1000 x 1000 float32."""
     case = Case("native", "cpu", "float32", 1000, 1000, 0.1, "forward+backward")
-    timed = measure.Pass(case, measure.Problem.make(case), lsr.get("native"))
+    timed = measure.TimedPass(case, measure.Problem.make(case), lsr.get("native"))
     peak = measure.peak_bytes(timed, torch.device("cpu"))
     assert 12_000_000 <= peak <= 12_100_000
 

@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 
 import lsr
-from lsr.bench import cli, plot, runner, style
-from lsr.bench import grid as grids
-from lsr.bench.grid import PRESETS, Grid
-from lsr.bench.results import (
+from lsr.bench import cli
+from lsr.bench.cli import commands
+from lsr.bench.data import (
     FLOOR,
     FLOOR_ALLOC,
     FLOORS,
@@ -27,6 +26,10 @@ from lsr.bench.results import (
     write_metadata,
     write_rows,
 )
+from lsr.bench.report import plot, style
+from lsr.bench.sweep import grid as grids
+from lsr.bench.sweep import runner
+from lsr.bench.sweep.grid import PRESETS, Grid
 
 TINY = ["--impl", "native", "--batch", "4", "--classes", "3", "--min-time", "0.001", "--no-plot"]
 # ... and one variant, which makes the preset's grids one: a case per pass and the two floors
@@ -69,7 +72,7 @@ def sweeps(monkeypatch) -> list[dict]:
         calls.append({"cases": list(cases), "out_dir": out_dir, **options})
         return []
 
-    monkeypatch.setattr(cli, "run_sweep", record)
+    monkeypatch.setattr(commands, "run_sweep", record)
     return calls
 
 
@@ -88,7 +91,7 @@ BAD = [
 @pytest.mark.parametrize("bad", BAD)
 def test_bad_arguments_are_refused_in_one_line_before_measuring(bad, tmp_path, capsys, monkeypatch):
     (tmp_path / "file").write_text("")
-    monkeypatch.setattr(cli, "run_sweep", lambda *a, **k: pytest.fail("measured before refusing"))
+    monkeypatch.setattr(commands, "run_sweep", lambda *a, **k: pytest.fail("measured before refusing"))
     argv = ["run", "--batch", "4", "--classes", "3", "--out", str(tmp_path / "out")]
     code, _, err = run_cli(argv + bad.format(file=tmp_path / "file").split(), capsys)
     assert code == 2
@@ -117,7 +120,7 @@ def interrupt_at_batch_8(input, target, *args, **kwargs):
 
 def test_ctrl_c_says_how_far_it_got_and_exits_130(tmp_path, capsys, monkeypatch):
     real = functools.partial(runner.run_sweep, loss_fns={"native": interrupt_at_batch_8})
-    monkeypatch.setattr(cli, "run_sweep", real)
+    monkeypatch.setattr(commands, "run_sweep", real)
     argv = ["run", *TINY, "--batch", "4", "8", "--pass", "forward+backward", "--out", str(tmp_path)]
     code, _, err = run_cli([*argv, "--no-progress"], capsys)
     assert code == 130
@@ -261,7 +264,7 @@ def warn_then_native(input, target, *args, **kwargs):
 
 def test_warnings_come_after_the_progress_bar_once(tmp_path, capsys, monkeypatch):
     real = functools.partial(runner.run_sweep, loss_fns={"native": warn_then_native})
-    monkeypatch.setattr(cli, "run_sweep", real)
+    monkeypatch.setattr(commands, "run_sweep", real)
     code, _, err = run_cli(["run", *TINY, "--out", str(tmp_path)], capsys)
     assert code == 0
     held = [line for line in err.splitlines() if "The .grad attribute" in line]
@@ -312,7 +315,7 @@ def test_rows_measured_on_a_busy_machine_are_reported(tmp_path, capsys, monkeypa
         rows = runner.run_sweep(*args, **kwargs)
         return [r | {"busy": i < 2} for i, r in enumerate(rows)]
 
-    monkeypatch.setattr(cli, "run_sweep", two_busy)
+    monkeypatch.setattr(commands, "run_sweep", two_busy)
     code, _, err = run_cli(["run", *TINY, "--no-progress", "--out", str(tmp_path)], capsys)
     assert code == 0
     assert "lsr-bench: warning: 2 of 5 rows were measured while other processes loaded" in err

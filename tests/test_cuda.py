@@ -17,8 +17,8 @@ import torch.nn.functional as F
 import lsr
 from helpers import TOLERANCE, random_problem
 from lsr.bench import measure
-from lsr.bench.results import IGNORE_INDEX, Case
-from lsr.bench.runner import run_sweep
+from lsr.bench.data import IGNORE_INDEX, Case
+from lsr.bench.sweep.runner import run_sweep
 from lsr.fused import FusedLSRLoss, fused_label_smoothing, fused_sparse_label_smoothing, triton_available
 from lsr.reference import exact_reference, sparse_reference
 
@@ -34,7 +34,7 @@ LOSS_IDS = ["exact", "sparse"]
 
 def project_losses_on_cuda() -> list[lsr.Implementation]:
     """The project's fused implementations that run on CUDA here (peers have tests/test_peers.py)."""
-    return [impl for impl in lsr.available(CUDA) if impl.name.startswith("fused")]
+    return [impl for impl in lsr.available(CUDA) if impl.fused]
 
 
 def on_cuda(*tensors):
@@ -236,7 +236,9 @@ def test_runs_on_the_current_stream(fn, ref):
 
 def test_benchmark_inputs_are_made_on_the_device_from_a_seed(monkeypatch):
     case = Case("native", CUDA, "bfloat16", 1000, 3001, 0.1, "forward", ignore_fraction=0.3, weighted=True)
-    monkeypatch.setattr(measure, "MAKE_BLOCK_ELEMENTS", 3001 * 64)  # several blocks, the last one partial
+    monkeypatch.setattr(
+        measure.problem, "MAKE_BLOCK_ELEMENTS", 3001 * 64
+    )  # several blocks, the last one partial
     problem = measure.Problem.make(case, logit_std=2.0)
     again = measure.Problem.make(case, logit_std=2.0)
     other = measure.Problem.make(case, logit_std=2.0, seed=1)
@@ -253,7 +255,7 @@ def test_benchmark_inputs_are_made_on_the_device_from_a_seed(monkeypatch):
 
 def test_cuda_events_time_a_pass_with_the_flush_outside_and_the_wall_clock_beside():
     case = Case("fused-exact", CUDA, "bfloat16", 4096, 32000, 0.1, "forward+backward")
-    timed = measure.Pass(case, measure.Problem.make(case), lsr.get("fused-exact"))
+    timed = measure.TimedPass(case, measure.Problem.make(case), lsr.get("fused-exact"))
     timing = measure.time_pass(timed, min_time=0.05)
     assert timing.timer == "cuda-events" and timing.runs_per_sample == 1 and len(timing.samples) >= 7
     assert len(timing.host_samples) == len(timing.samples) and len(timing.wall_samples) >= 3

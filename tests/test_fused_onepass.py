@@ -51,7 +51,7 @@ def path(request, monkeypatch):
         yield name
 
 
-def one_pass(sparse: bool):
+def onepass_and_reference(sparse: bool):
     """The one-pass loss and its float64 reference."""
     if sparse:
         return functools.partial(fused_sparse_label_smoothing, gradient_in_forward=True), sparse_reference
@@ -73,7 +73,7 @@ def reference_grad(ref, logits, target, upstream, **kwargs):
 @pytest.mark.parametrize("sparse", [False, True])
 def test_matches_reference(path, sparse):
     """Every reduction and layout, ignored targets, smoothing 0 and above, random upstream gradients."""
-    fn, ref = one_pass(sparse)
+    fn, ref = onepass_and_reference(sparse)
     interpreted = path == "triton"  # slow: fewer cases
     shapes = [(5, 37), (3, 20, 2)] if interpreted else [(7, 5), (5, 37), (3, 40, 2), (6,)]
     for shape in shapes:
@@ -88,7 +88,7 @@ def test_matches_reference(path, sparse):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_upstream_gradients(path, sparse, reduction):
     """An upstream gradient of 1 (returned as written), 0.5 (scaled), and per row for "none"."""
-    fn, ref = one_pass(sparse)
+    fn, ref = onepass_and_reference(sparse)
     logits, target = random_problem((6, 37), scale=2.0, ignore_fraction=0.3, seed=3)
     if reduction == "none":
         gen = torch.Generator().manual_seed(4)
@@ -111,7 +111,7 @@ def test_upstream_gradients(path, sparse, reduction):
 @pytest.mark.parametrize("path", PATHS, indirect=True)
 def test_per_row_upstream_of_a_sum(path):
     """loss.sum().backward() hands "none" a broadcast upstream gradient (stride 0), read in place."""
-    fn, ref = one_pass(False)
+    fn, ref = onepass_and_reference(False)
     logits, target = random_problem((3, 20, 2), scale=2.0, ignore_fraction=0.2, seed=5)
     x = logits.clone().requires_grad_(True)
     fn(x * 1, target, 0.1, "none").sum().backward()
@@ -122,7 +122,7 @@ def test_per_row_upstream_of_a_sum(path):
 @pytest.mark.usefixtures("poisoned_empty")
 @pytest.mark.parametrize("path", PATHS, indirect=True)
 def test_weights_and_ignore_index_against_cross_entropy(path):
-    fn, ref = one_pass(False)
+    fn, ref = onepass_and_reference(False)
     logits, target = random_problem((5, 37, 2), scale=2.0, ignore_fraction=0.3, seed=6, ignore_index=3)
     weight = torch.rand(37, generator=torch.Generator().manual_seed(7)) + 0.1
     for reduction in REDUCTIONS:
@@ -149,9 +149,9 @@ def test_other_dtypes_against_float64(path, dtype):
     weight = torch.rand(37, generator=torch.Generator().manual_seed(9), dtype=torch.float64) + 0.5
     for reduction in ["none"] if path == "triton" else REDUCTIONS:  # the interpreter is slow
         for sparse in (False, True):
-            fn, ref = one_pass(sparse)
+            fn, ref = onepass_and_reference(sparse)
             check(fn, ref, logits, target, smoothing=0.1, reduction=reduction)
-        fn, ref = one_pass(False)
+        fn, ref = onepass_and_reference(False)
         check(fn, ref, logits, target, smoothing=0.1, reduction=reduction, weight=weight.to(dtype))
 
 
@@ -159,7 +159,7 @@ def test_other_dtypes_against_float64(path, dtype):
 def test_masked_classes_and_zero_weight_mean(path):
     """A -inf logit adds nothing at smoothing 0 (no 0 * inf); a mean over targets whose weights are all
     0 is NaN, gradient included: F.cross_entropy's answers."""
-    fn, _ = one_pass(False)
+    fn, _ = onepass_and_reference(False)
     logits, target = random_problem((5, 40), ignore_fraction=0.3, seed=10)
     logits[:, -20:] = float("-inf")  # with the Triton path's blocks of 16: one block all -inf
     target = torch.where(target >= 20, target - 20, target)
@@ -176,7 +176,7 @@ def test_masked_classes_and_zero_weight_mean(path):
 @pytest.mark.parametrize("path", PATHS, indirect=True)
 def test_sparse_is_accurate_on_confident_rows(path):
     """1 - p_y from the non-target terms keeps its digits as p_y -> 1, in the one pass too."""
-    fn, ref = one_pass(True)
+    fn, ref = onepass_and_reference(True)
     logits = torch.randn(4, 40, generator=torch.Generator().manual_seed(11))
     logits[0, :3] = torch.tensor([20.0, 5.0, 4.0])
     logits[0, 3:] = float("-inf")
@@ -189,7 +189,7 @@ def test_sparse_is_accurate_on_confident_rows(path):
 @pytest.mark.parametrize("sparse", [False, True])
 def test_out_of_range_targets_without_validation_give_nan_rows(path, sparse):
     """validate_targets=False: a target outside [0, C) is never read; its row is NaN, loss and gradient."""
-    fn, ref = one_pass(sparse)
+    fn, ref = onepass_and_reference(sparse)
     logits, target = random_problem((6, 37), seed=12)
     target[1], target[2], target[5] = 37, -1, 40
     check_nan_rows_for_bad_targets(
@@ -203,7 +203,7 @@ def test_out_of_range_targets_without_validation_give_nan_rows(path, sparse):
 @pytest.mark.parametrize("path", PATHS, indirect=True)
 @pytest.mark.parametrize("sparse", [False, True])
 def test_the_forward_pass_leaves_the_gradient_in_the_logits(path, sparse):
-    fn, ref = one_pass(sparse)
+    fn, ref = onepass_and_reference(sparse)
     logits, target = random_problem((8, 37), scale=2.0, ignore_fraction=0.2, seed=13)
     x = logits.clone().requires_grad_(True)
     h = x * 1  # a layer's output
@@ -215,7 +215,7 @@ def test_the_forward_pass_leaves_the_gradient_in_the_logits(path, sparse):
 @pytest.mark.parametrize("path", ["torch"], indirect=True)
 def test_inputs_copied_into_rows_are_not_overwritten(path):
     """(N, C, d) and non-contiguous (N, C) logits are copied into rows first: the copy is overwritten."""
-    fn, ref = one_pass(False)
+    fn, ref = onepass_and_reference(False)
     spatial, target = random_problem((4, 3, 5), seed=14)
     x = spatial.clone().requires_grad_(True)
     h = x * 1
@@ -338,7 +338,7 @@ def test_registered_with_their_flags():
 @pytest.mark.parametrize("sparse", [False, True])
 def test_triton_kernels_at_the_largest_class_count(sparse):
     """C = 262144 with the real block sizes: 64 blocks per sweep, 64 scaling programs."""
-    fn, ref = one_pass(sparse)
+    fn, ref = onepass_and_reference(sparse)
     logits, target = random_problem((1, 262_144), scale=3.0, seed=19)
     rtol, atol = TOLERANCE[torch.float32]
     with cpu_options("triton"):

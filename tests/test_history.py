@@ -106,7 +106,7 @@ def test_asv_suite_lists_every_registered_implementation():
 
 
 def _pytest_benchmark_file(path: Path, machine_info: dict, extra_info: dict, run: dict | None) -> Path:
-    from lsr.bench.results import CASE_DEFAULTS
+    from lsr.bench.data import CASE_DEFAULTS
 
     case = CASE_DEFAULTS | {
         "implementation": "native",
@@ -128,7 +128,7 @@ def _pytest_benchmark_file(path: Path, machine_info: dict, extra_info: dict, run
 @pytest.mark.parametrize(
     "machine_info, extra_info, run",
     [
-        # saved by the conftest before it stored lsr.bench.environment's dictionary: top-level keys
+        # saved by the conftest before it stored lsr.bench.measure.machine's dictionary: top-level keys
         ({"torch_threads": 3, "torch_version": "2.13.0", "cpu": {"brand_raw": "AMD EPYC"}}, {}, None),
         # today's conftest: machine and software in machine_info["lsr"], per-run fields in "lsr_run"
         (
@@ -139,7 +139,8 @@ def _pytest_benchmark_file(path: Path, machine_info: dict, extra_info: dict, run
     ],
 )
 def test_pytest_benchmark_runs_say_their_threads(tmp_path, machine_info, extra_info, run):
-    from lsr.bench import results, style
+    from lsr.bench import data as results
+    from lsr.bench.report import style
 
     path = _pytest_benchmark_file(tmp_path / "run.json", machine_info, extra_info, run)
     rows, metadata = results.load(path)

@@ -8,11 +8,15 @@ import pytest
 import torch
 
 import lsr
-from lsr.bench import environment, grid, measure, results
-from lsr.bench.gate import GateFailure, check_against_reference, mean_denominator
-from lsr.bench.grid import Grid, cases_of
-from lsr.bench.results import FLOOR, FLOOR_ALLOC, FLOORS, IGNORE_INDEX, Case, floor_for
-from lsr.bench.runner import run_sweep
+from lsr.bench import data as results
+from lsr.bench import measure
+from lsr.bench.data import FLOOR, FLOOR_ALLOC, FLOORS, IGNORE_INDEX, Case, floor_for
+from lsr.bench.measure import machine as environment
+from lsr.bench.measure import timing as timing_module
+from lsr.bench.measure.gate import GateFailure, check_against_reference, mean_denominator
+from lsr.bench.sweep import grid
+from lsr.bench.sweep.grid import Grid, cases_of
+from lsr.bench.sweep.runner import run_sweep
 
 FAST = dict(min_time=0.001, progress=False)
 PADDED = dict(ignore_fraction=0.3, weighted=True)  # a padding-heavy batch with class weights
@@ -56,7 +60,7 @@ def test_both_floors_come_first_once_per_size_whatever_the_new_axes():
 def test_floor_writes_one_buffer_and_floor_alloc_a_new_tensor_every_call():
     problem = measure.Problem.make(Case(FLOOR, "cpu", "float32", 8, 5, 0.1, "forward+backward"))
     kept, fresh = (
-        measure.Pass(Case(name, "cpu", "float32", 8, 5, 0.1, "forward+backward"), problem, None)
+        measure.TimedPass(Case(name, "cpu", "float32", 8, 5, 0.1, "forward+backward"), problem, None)
         for name in FLOORS
     )
     a, b = kept(), kept()
@@ -81,7 +85,7 @@ def test_floor_for_names_an_implementations_floor():
 # --- B, C. bandwidth and first calls ------------------------------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore::lsr.bench.runner.BusyMachineWarning")
+@pytest.mark.filterwarnings("ignore::lsr.bench.sweep.runner.BusyMachineWarning")
 def test_bandwidth_is_the_least_traffic_over_the_median_and_a_fraction_of_a_copy(tmp_path):
     cases = [Case(name, "cpu", "float32", 4096, 4096, 0.1, "forward+backward") for name in FLOORS]  # 64 MiB
     cases += [Case("native", "cpu", "float32", 16, 10, 0.1, p) for p in ("forward", "forward+backward")]
@@ -189,7 +193,7 @@ def test_the_timed_pass_gets_the_weights_and_the_ignore_index():
 
     case = Case("native", "cpu", "float32", 10, 4, 0.1, "forward", **PADDED)
     problem = measure.Problem.make(case)
-    measure.Pass(case, problem, lsr.get("native"), spy)()
+    measure.TimedPass(case, problem, lsr.get("native"), spy)()
     assert seen["weight"] is problem.weight and seen["ignore_index"] == IGNORE_INDEX and seen["ignored"] == 3
 
 
@@ -362,7 +366,7 @@ def test_a_gradient_in_forward_pass_gets_fresh_logits_before_every_timed_and_met
         fresh.append(torch.equal(input.detach(), pristine) and not input.is_leaf)
         return loss(input, *args, **kwargs)
 
-    timed = measure.Pass(case, problem, one_pass, checked)
+    timed = measure.TimedPass(case, problem, one_pass, checked)
     assert timed.prepares
     timing = measure.time_pass(timed, min_time=0.001, min_samples=5)
     assert timing.runs_per_sample == 1 and timing.timer == measure.PERF_COUNTER
@@ -376,7 +380,7 @@ def test_ordinary_and_inplace_passes_on_cpu_need_no_preparation_and_keep_the_hos
     case = Case("fused-exact-inplace", "cpu", "float32", 4, 5, 0.1, "forward+backward")
     problem = measure.Problem.make(case)
     for name in ("native", "fused-exact-inplace"):
-        timed = measure.Pass(dataclasses.replace(case, implementation=name), problem, lsr.get(name))
+        timed = measure.TimedPass(dataclasses.replace(case, implementation=name), problem, lsr.get(name))
         assert not timed.prepares
         timing = measure.time_pass(timed, min_time=0.001, min_samples=3)
         assert timing.timer == "perf_counter"
@@ -387,7 +391,7 @@ def test_a_measurement_fills_the_results_timing_columns():
     fields = measure.Measurement(
         (1.0, 2.0), 1, 2, 0.5, "cuda-events", (2.0, 4.0, 3.0), (0.1, 0.3)
     ).row_fields()
-    assert set(fields) <= set(results.COLUMNS)
+    assert set(fields) <= set(results.COLUMN_TYPES)
     assert fields == {
         "median_s": 1.5,
         "iqr_s": 0.5,
@@ -419,7 +423,8 @@ def test_cuda_timing_brackets_each_call_alone_with_the_flush_and_fresh_logits_ou
     """time_on_cuda's plumbing with the device faked on CPU: events, L2 flush, host and wall times."""
     log = []
     monkeypatch.setattr(torch.cuda, "Event", lambda **kwargs: FakeEvent(log, **kwargs))
-    monkeypatch.setattr(measure, "synchronize", lambda device: log.append(("sync",)))
+    for module in (timing_module, measure.problem):  # where the timed pass and the clocks synchronise
+        monkeypatch.setattr(module, "synchronize", lambda device: log.append(("sync",)))
 
     class Flush:
         def __init__(self, device):
@@ -428,12 +433,12 @@ def test_cuda_timing_brackets_each_call_alone_with_the_flush_and_fresh_logits_ou
         def __call__(self):
             log.append(("flush",))
 
-    monkeypatch.setattr(measure, "L2Flush", Flush)
+    monkeypatch.setattr(timing_module, "L2Flush", Flush)
     case = padded_case("native")
     problem = measure.Problem.make(case)
     seen = []
     one_pass = dataclasses.replace(lsr.get("native"), gradient_in_forward=True)
-    timed = measure.Pass(case, problem, one_pass, overwrite_after_checking(seen))
+    timed = measure.TimedPass(case, problem, one_pass, overwrite_after_checking(seen))
     timed.device = torch.device("cuda")  # as a CUDA pass: timed with events
 
     def enqueued(original=timed.enqueue):
@@ -465,10 +470,11 @@ def test_cuda_timing_brackets_each_call_alone_with_the_flush_and_fresh_logits_ou
 def test_cuda_timing_without_flush_makes_no_flush_buffer(monkeypatch):
     log = []
     monkeypatch.setattr(torch.cuda, "Event", lambda **kwargs: FakeEvent(log, **kwargs))
-    monkeypatch.setattr(measure, "synchronize", lambda device: None)
-    monkeypatch.setattr(measure, "L2Flush", None)  # calling it would raise
+    for module in (timing_module, measure.problem):
+        monkeypatch.setattr(module, "synchronize", lambda device: None)
+    monkeypatch.setattr(timing_module, "L2Flush", None)  # calling it would raise
     case = Case("native", "cpu", "float32", 4, 5, 0.1, "forward")
-    timed = measure.Pass(case, measure.Problem.make(case), lsr.get("native"))
+    timed = measure.TimedPass(case, measure.Problem.make(case), lsr.get("native"))
     timed.device = torch.device("cuda")
     timing = measure.time_pass(timed, min_time=0.001, min_samples=3, l2_flush=False)
     assert timing.timer == "cuda-events" and len(log) == 2 * len(timing.samples) and not timed.prepares

@@ -126,7 +126,7 @@ def test_sparse_keeps_the_digits_of_one_minus_p_y(backend, dtype):
     row_loss, grad = check(logits, target, None, scale, 0.15, True)
     one_minus_p_y = (logits.double().softmax(1)[:, 1:]).sum(1)
     torch.testing.assert_close(-grad[:, 0].double(), one_minus_p_y * (grad[:, 0].double() / -one_minus_p_y))
-    assert math.isclose(row_loss[0].item(), 1.5166, rel_tol=1e-4)  # lsr/fused/loss.py's example
+    assert math.isclose(row_loss[0].item(), 1.5166, rel_tol=1e-4)  # lsr/fused/algebra.py's example
 
 
 def test_masked_class_at_zero_smoothing(backend):

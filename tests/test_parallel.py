@@ -134,7 +134,7 @@ def check_reference(rank, world, group):
         module(_shard(full, rank, sizes), target).double(),
         sparse_reference(full.double(), target, 0.2),
     )
-    # 1 - p_y keeps its digits near p_y = 1 (lsr.fused.loss: 1.6811 instead of 1.5166 when formed
+    # 1 - p_y keeps its digits near p_y = 1 (lsr.fused.algebra: 1.6811 instead of 1.5166 when formed
     # as -expm1(z_y - lse) in float32), each class on its own rank where there are 3
     full, target = torch.tensor([[20.0, 5.0, 4.0]]), torch.tensor([0])
     sizes = [1, 1, 1] if world == 3 else [1, 2]

@@ -38,7 +38,7 @@ def graphs_compiled() -> int:
 
 
 def test_peers_are_registered_with_their_devices_and_flags():
-    assert [impl.name for impl in peers.implementations()] == list(peers.NAMES)
+    assert all(impl.peer and impl.name in lsr.REGISTRY for impl in peers.implementations())
     compiled, liger = lsr.get("native-compiled"), lsr.get("liger")
     assert compiled.devices == ("cpu", "cuda") and liger.devices == ("cuda",)
     assert compiled.smoothing_kind == liger.smoothing_kind == "exact"
@@ -84,11 +84,11 @@ def test_liger_not_installed_is_not_available(monkeypatch):
 def test_without_triton_neither_peer_runs_on_cuda(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)
     assert not lsr.get("liger").runs_on("cuda") and not lsr.get("native-compiled").runs_on("cuda")
-    assert lsr.get("native-compiled").runs_on("cpu") == peers._have_cxx_compiler()
+    assert lsr.get("native-compiled").runs_on("cpu") == peers.cxx_compiler_available()
 
 
 def test_native_compiled_on_cpu_needs_a_cxx_compiler(monkeypatch):
-    monkeypatch.setattr(peers, "_have_cxx_compiler", lambda: False)
+    monkeypatch.setattr(peers, "cxx_compiler_available", lambda: False)
     assert not lsr.get("native-compiled").runs_on("cpu")
     assert "native-compiled" not in [impl.name for impl in lsr.available("cpu")]
 
@@ -319,7 +319,7 @@ def test_liger_passes_the_benchmark_gate(liger, weighted):
     """The benchmark's correctness gate and timed pass, with the entry moved to CPU: the gate gives an
     in-place implementation a fresh copy of the logits for each call of the loss."""
     from lsr.bench import measure
-    from lsr.bench.results import Case
+    from lsr.bench.data import Case
 
     impl = dataclasses.replace(lsr.get("liger"), devices=("cpu",), is_available=lambda device: True)
     case = Case(
@@ -336,6 +336,6 @@ def test_liger_passes_the_benchmark_gate(liger, weighted):
     problem = measure.Problem.make(case)
     before = problem.logits.detach().clone()
     assert measure.check_against_reference(case, problem, impl) < 1e-5
-    timed = measure.Pass(case, problem, impl)
+    timed = measure.TimedPass(case, problem, impl)
     timed(), timed()
     assert torch.equal(problem.logits.detach(), before)  # the pass overwrote a copy of its own

@@ -6,9 +6,11 @@ Rows are made by hand (nothing is measured), so each test states the numbers it 
 import pytest
 
 import lsr
-from lsr.bench import plot, report, results, ship, style
-from lsr.bench.results import FLOOR, FLOOR_ALLOC, FLOORS, Case, new_row
-from lsr.bench.selection import bandwidth, variants
+from lsr.bench import data as results
+from lsr.bench.data import FLOOR, FLOOR_ALLOC, FLOORS, Case, new_row
+from lsr.bench.report import plot, ship, style
+from lsr.bench.report import summary as report
+from lsr.bench.report.selection import achieved_bandwidth, variants
 
 FWD_BWD = "forward+backward"
 METADATA = {
@@ -150,9 +152,9 @@ def test_time_charts_draw_both_floors_in_their_own_styles():
 def test_bandwidth_in_the_tables_and_its_chart(tmp_path):
     rows = at_size(native=4.0) + at_size(1024, 1000, native=20.0)
     r = rows[-1]  # 4.1 MB of logits read and their gradient written in 20 ms: 410 MB/s, 4% of 10 GB/s
-    assert bandwidth(r, METADATA) == pytest.approx((4.096e8, 0.04096))
-    assert bandwidth(r | {"bandwidth_bytes_per_s": 1e9, "bandwidth_fraction": 0.1}) == (1e9, 0.1)
-    assert bandwidth(row("native", pass_="forward")) == (None, None)
+    assert achieved_bandwidth(r, METADATA) == pytest.approx((4.096e8, 0.04096))
+    assert achieved_bandwidth(r | {"bandwidth_bytes_per_s": 1e9, "bandwidth_fraction": 0.1}) == (1e9, 0.1)
+    assert achieved_bandwidth(row("native", pass_="forward")) == (None, None)
     summary = report.summary_table(rows, "float32", METADATA)
     assert "| 1024 | 1000 | native | 20.000 | 0.200 | 13.33 | 0.4 | 4% |" in summary
     assert "| 1024 | 1000 | floor-alloc (exp, new tensor) | 1.500 | 0.015 |  | 5.5 | 55% |" in summary

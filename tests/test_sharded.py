@@ -14,12 +14,9 @@ from pathlib import Path
 import pytest
 
 import lsr
-from lsr.bench import cli, plot, style
-from lsr.bench.environment import machine_name
-from lsr.bench.lock import LOCK_FILE, SweepLocked, output_lock, run_lock
-from lsr.bench.merge import MACHINES, PARTS_DIR, merge_runs
-from lsr.bench.results import (
-    COLUMNS,
+from lsr.bench import cli
+from lsr.bench.data import (
+    COLUMN_TYPES,
     FLOOR,
     FLOOR_ALLOC,
     FLOORS,
@@ -33,8 +30,12 @@ from lsr.bench.results import (
     write_metadata,
     write_rows,
 )
-from lsr.bench.runner import run_sweep
-from lsr.bench.shard import share
+from lsr.bench.data.lock import LOCK_FILE, SweepLocked, output_lock, run_lock
+from lsr.bench.data.merge import MACHINES, PARTS_DIR, merge_runs
+from lsr.bench.measure.machine import machine_name
+from lsr.bench.report import plot, style
+from lsr.bench.sweep.runner import run_sweep
+from lsr.bench.sweep.shard import share
 
 # Two sizes, two implementations, forward+backward: 2 sizes of 4 cases (2 floors, 2 losses).
 GRID = ["--device", "cpu", "--impl", "native", "sparse", "--batch", "4", "8", "--classes", "3"]
@@ -123,9 +124,9 @@ def test_the_lock_admits_the_ranks_of_one_run_and_refuses_any_other_writer(tmp_p
 HANG_ON_RANK_1 = """
 import os, sys, time
 from pathlib import Path
-from lsr.bench.results import Case
-from lsr.bench.runner import run_sweep
-from lsr.bench.shard import Shard
+from lsr.bench.data import Case
+from lsr.bench.sweep.runner import run_sweep
+from lsr.bench.sweep.shard import Shard
 
 def hang(input, target, *args, **kwargs):
     print("measuring", flush=True)
@@ -210,7 +211,7 @@ def fake_run(folder: Path, medians: dict[str, float], metadata: dict, machine: s
     write_rows(folder / RESULTS_FILE, rows)
     if not machine:  # drop the column, as schema 3 wrote it
         lines = (folder / RESULTS_FILE).read_text().splitlines()
-        at = list(COLUMNS).index("machine")
+        at = list(COLUMN_TYPES).index("machine")
         drop = "\n".join(",".join(v for i, v in enumerate(line.split(",")) if i != at) for line in lines)
         (folder / RESULTS_FILE).write_text(drop + "\n")
     write_metadata(folder / METADATA_FILE, {"device": "cpu", "device_name": "test machine"} | metadata)

@@ -130,7 +130,7 @@ phase "bench: pytest-benchmark, $DEVICE cases" 60 30 \
 # $OUT keeps to 8 files. All of it can be redrawn anywhere from results.csv and metadata.json:
 #   lsr-bench plot results/cuda --summary results
 if [ -f "$OUT/results/$DEVICE/results.csv" ]; then
-    phase "summary" 15 25 "$PY" -c 'import sys, pathlib; from lsr.bench.report import write_summary
+    phase "summary" 15 25 "$PY" -c 'import sys, pathlib; from lsr.bench.report.summary import write_summary
 print(write_summary(pathlib.Path(sys.argv[1])))' "$OUT/results" >>"$LOG" 2>&1
     phase "charts" 30 0 "$PY" -m lsr.bench plot "$OUT/results/$DEVICE" --summary "$OUT/results" >>"$LOG" 2>&1
     (

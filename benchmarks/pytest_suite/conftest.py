@@ -1,14 +1,14 @@
-"""pytest-benchmark: the machine fields of lsr.bench.environment, so a saved run is readable on its own.
+"""pytest-benchmark: the machine fields of lsr.bench.measure.machine, so a saved run is readable on its own.
 
 machine_info["lsr"] holds what identifies the machine and software (pytest-benchmark's
 --benchmark-compare warns when machine_info differs); what changes from run to run (load, date,
 command, commit, the measured copy bandwidth) goes to the JSON's top-level "lsr_run", and the loader
-(lsr.bench.results) reads both.
+(lsr.bench.data) reads both.
 """
 
 import torch
 
-from lsr.bench.environment import environment
+from lsr.bench.measure.machine import environment
 
 PER_RUN = ("load_average_1min", "date", "command", "git_commit", "copy_bandwidth_bytes_per_s")
 _ENVIRONMENT = {}

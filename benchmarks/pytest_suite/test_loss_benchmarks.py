@@ -18,8 +18,9 @@ import pytest
 import torch
 
 import lsr
-from lsr.bench import grid, measure
-from lsr.bench.results import new_row
+from lsr.bench import measure
+from lsr.bench.data import new_row
+from lsr.bench.sweep import grid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from asv_suite.profiles import profile  # noqa: E402 - the one definition of both suites' sizes
@@ -45,7 +46,7 @@ def test_loss(benchmark, case):
     impl = None if case.is_floor else lsr.get(case.implementation)
     if impl is not None:
         measure.check_against_reference(case, problem, impl)  # never time a wrong answer
-    timed = measure.Pass(case, problem, impl)
+    timed = measure.TimedPass(case, problem, impl)
     benchmark.extra_info["case"] = new_row(case, "floor" if impl is None else impl.smoothing_kind)
     benchmark.extra_info["peak_bytes"] = measure.peak_bytes(timed, timed.device)
     benchmark.extra_info["threads"] = torch.get_num_threads()

@@ -3,9 +3,9 @@
 Each rank r holds a consecutive slice of C_r classes starting at class o_r, in rank order (slices may
 differ in size; a rank may hold none), C = sum_r C_r, and the same global targets. The loss is that of
 the unsharded logits: exact label smoothing over all C classes (PyTorch's `label_smoothing`), or
-SparseLSR's equation 15 with the full C. The math of both is in `lsr.fused.loss`; what sharding adds:
+SparseLSR's equation 15 with the full C. The math of both is in `lsr.fused.algebra`; what sharding adds:
 
-Each rank runs the fused losses' statistics pass (`lsr.fused.loss._row_stats`: Triton on CUDA,
+Each rank runs the fused losses' statistics pass (`lsr.fused.passes.row_stats`: Triton on CUDA,
 compiled on CPU) over its slice, with the target moved into the slice, and keeps per row:
   lse_r = logsumexp of its logits; z_y where it owns the target, 0 elsewhere; and
   - exact:  dot_r = sum over its classes of w_j z_j (w all 1 without weights);
@@ -16,7 +16,7 @@ The whole rows follow from these O(N) numbers:
   1 - p_y = sum_r f_r exp(lse_r - lse),
 a sum of non-negative terms that keeps 1 - p_y's digits as the single-device pass does (forming it
 as 1 - exp(z_y - lse) would not). The per-row algebra and the backward pass are then the fused
-losses' own (`_exact_rows`, `_sparse_rows`, `_gradient`): the gradient alpha p_k - gamma w_k, and tau
+losses' own (`exact_rows`, `sparse_rows`, `passes.gradient`): the gradient alpha p_k - gamma w_k, and tau
 on the target column, needs only the global lse, alpha and tau of each row, so backward is local.
 
 One collective per forward pass: an all_gather of each rank's packed (N + 1, 3) float64 table (the
@@ -60,17 +60,9 @@ from lsr._common import (
     check_weight,
     compute_dtype,
 )
-from lsr.fused.loss import (
-    _NO_DOUBLE_BACKWARD,
-    _exact_rows,
-    _gradient,
-    _in_range,
-    _mean_denominator,
-    _reduce,
-    _row_stats,
-    _row_upstream,
-    _sparse_rows,
-)
+from lsr.fused import passes
+from lsr.fused.algebra import reduce_from_stats, row_upstream
+from lsr.fused.autograd import NO_DOUBLE_BACKWARD
 
 # --- the collectives ----------------------------------------------------------------------------------
 
@@ -108,7 +100,7 @@ def _local_table(shard, owned, local_index, weight, acc_dtype, sparse):
             ],
             dim=1,
         )
-    lse, z_y, dot, one_minus_p_y = _row_stats(shard, local_index, weight, acc_dtype, sparse)
+    lse, z_y, dot, one_minus_p_y = passes.row_stats(shard, local_index, weight, acc_dtype, sparse)
     third = torch.where(owned, one_minus_p_y, 1.0) if sparse else dot
     return torch.stack([lse, torch.where(owned, z_y, 0.0), third], dim=1).double()
 
@@ -188,15 +180,10 @@ class VocabParallelLabelSmoothingFunction(torch.autograd.Function):
             check_targets(raw_target, num_classes, ignore_index)
 
         lse, z_y, third = (t.to(acc_dtype) for t in _combine(tables[:, :n_rows], sparse))
-        target_ok, index = _in_range(target, num_classes)
-        w_y = None if weight is None else weight[index]
-        if sparse:
-            row_loss, alpha, gamma, tau = _sparse_rows(lse, z_y, third, smoothing, num_classes)
-        else:
-            row_loss, alpha, gamma, tau = _exact_rows(lse, third, z_y, w_y, weight, smoothing, num_classes)
-        # From here as FusedLabelSmoothingFunction: ignored rows 0, unreadable targets NaN, reduce
-        denominator = _mean_denominator(valid, w_y, acc_dtype) if reduction == "mean" else None
-        loss = _reduce(row_loss, valid, target_ok, reduction, out_shape, denominator)
+        # From here as FusedLabelSmoothingFunction: the same algebra on the gathered statistics
+        loss, alpha, gamma, tau, denominator, target_ok = reduce_from_stats(
+            lse, z_y, third, target, valid, weight, smoothing, num_classes, sparse, reduction, out_shape
+        )
 
         alpha = alpha if torch.is_tensor(alpha) else torch.full_like(lse, alpha)
         ctx.save_for_backward(
@@ -208,17 +195,19 @@ class VocabParallelLabelSmoothingFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         if torch.is_grad_enabled():
-            raise RuntimeError(_NO_DOUBLE_BACKWARD)
+            raise RuntimeError(NO_DOUBLE_BACKWARD)
         shard, local_index, owned, valid, target_ok, weight, lse, alpha, tau, denominator = ctx.saved_tensors
-        s = _row_upstream(grad_output.to(lse.dtype), ctx.reduction, denominator, valid, target_ok)
+        s = row_upstream(grad_output.to(lse.dtype), ctx.reduction, denominator, valid, target_ok)
         if shard.shape[1] == 0:
             return torch.zeros_like(shard), *(None,) * 12
         p, r, t = s * alpha, s * ctx.gamma, s * tau
-        # `_gradient` writes t at local_index in every row. Where the target is another rank's, that
+        # `passes.gradient` writes t at local_index in every row. Where the target is another rank's, that
         # index is 0: give it class 0's own off-target value, which the pass would have written there.
         w_0 = 1.0 if weight is None else weight[0]
         t_elsewhere = p * torch.exp(shard[:, 0].to(lse.dtype) - lse) - r * w_0
-        grad = _gradient(shard, local_index, weight, lse, p, r, torch.where(owned, t, t_elsewhere), False)
+        grad = passes.gradient(
+            shard, local_index, weight, lse, p, r, torch.where(owned, t, t_elsewhere), False
+        )
         return grad, *(None,) * 12
 
 

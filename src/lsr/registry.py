@@ -1,95 +1,27 @@
-"""The named loss implementations: the one list that tests, benchmarks and the CLI read.
-
-Each entry says what it computes (exact label smoothing or SparseLSR), which float64 reference it
-must agree with, which devices it runs on and whether it takes class weights. Implementations that
-need optional packages (Triton) say so through `is_available`.
+"""The named loss implementations: the one list that tests, benchmarks and the CLI read, and the one
+place that names them. Each entry (`lsr.implementation.Implementation`) carries every fact about
+it; the names the reports compare against are below (`BASELINES`, `PAPER_PAIR`).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
+from lsr import peers
 from lsr.dense import dense_label_smoothing
 from lsr.fused import fused_label_smoothing, fused_sparse_label_smoothing, triton_available
+from lsr.implementation import Implementation
 from lsr.native import native_label_smoothing
-from lsr.reference import exact_reference, sparse_reference
 from lsr.sparse import sparse_label_smoothing
-from lsr.types import DEVICES, DTYPES, REDUCTIONS, SMOOTHING_KINDS, Device, LossFn, Reduction, SmoothingKind
+from lsr.types import DEVICES, SMOOTHING_KINDS
 
-
-@dataclass(frozen=True)
-class Implementation:
-    name: str
-    loss: LossFn  # loss(input, target, smoothing, reduction, ignore_index[, weight=])
-    smoothing_kind: SmoothingKind  # the function it computes
-    devices: tuple[Device, ...]  # device types it runs on
-    supports_weight: bool
-    min_classes: int
-    description: str
-    is_available: Callable[[str], bool] = field(default=lambda device: True)
-    # Writes the gradient into the logits' storage: benchmarks give it its own copy of the logits
-    # and skip the backward-only pass (running backward twice on one graph is what it forbids).
-    inplace_backward: bool = False
-    # Computes the gradient in its forward pass and writes it over the logits there (the one-pass
-    # mode): benchmarks give every call its own logits, take the reference from a copy made before
-    # the call, and skip the backward-only pass.
-    gradient_in_forward: bool = False
-    # Can run backward more than once through one graph (retain_graph=True): the benchmark's
-    # backward-only pass needs it. In-place losses cannot; neither can a torch.compile'd graph,
-    # whose donated buffers are freed by the first backward.
-    repeatable_backward: bool = True
-    dtypes: tuple[str, ...] = tuple(DTYPES)  # logits dtypes it takes
-    reductions: tuple[Reduction, ...] = REDUCTIONS
-    supports_ignore_index: bool = True
-    # Where its arithmetic knowingly differs from PyTorch's in a case it does take (said, not hidden
-    # by a wider tolerance); shown by the README and the CLI.
-    notes: str = ""
-
-    @property
-    def can_repeat_backward(self) -> bool:
-        """Whether backward may run twice through one graph (the benchmark's backward-only pass)."""
-        return self.repeatable_backward and not (self.inplace_backward or self.gradient_in_forward)
-
-    @property
-    def reference(self) -> LossFn:
-        return exact_reference if self.smoothing_kind == "exact" else sparse_reference
-
-    def unsupported(
-        self,
-        *,
-        classes: int,
-        dtype: str = "float32",
-        reduction: str = "mean",
-        weighted: bool = False,
-        ignoring: bool = False,
-    ) -> str | None:
-        """Why this implementation cannot take such a case (a sentence), or None when it can.
-
-        Example:
-            >>> get("sparse").unsupported(classes=1)
-            'sparse needs at least 2 classes'
-            >>> get("native").unsupported(classes=10, weighted=True) is None
-            True
-        """
-        if classes < self.min_classes:
-            return f"{self.name} needs at least {self.min_classes} classes"
-        if dtype not in self.dtypes:
-            return f"{self.name} takes {', '.join(self.dtypes)} logits, not {dtype}"
-        if reduction not in self.reductions:
-            return f"{self.name} has no reduction {reduction!r}"
-        if weighted and not self.supports_weight:
-            return f"{self.name} takes no class weights"
-        if ignoring and not self.supports_ignore_index:
-            return f"{self.name} has no ignore_index"
-        return None
-
-    def runs_on(self, device: str | torch.device) -> bool:
-        device_type = torch.device(device).type
-        return device_type in self.devices and self.is_available(device_type)
+# What a user would otherwise call: the numerators of the reports' speedups, eager PyTorch first
+EAGER_BASELINE = "native"
+BASELINES = (EAGER_BASELINE, "native-compiled")
+# The SparseLSR paper's comparison: its loss against its dense baseline
+PAPER_PAIR = ("sparse", "dense")
 
 
 REGISTRY: dict[str, Implementation] = {}
@@ -125,6 +57,9 @@ register(
         supports_weight=True,
         min_classes=1,
         description="PyTorch F.cross_entropy(label_smoothing=)",
+        peak_factor=3.0,
+        overflows_at_extremes=("float16",),
+        chart_style=("#1f77b4", "o"),
     )
 )
 register(
@@ -136,6 +71,8 @@ register(
         supports_weight=True,
         min_classes=1,
         description="N x C smoothed targets times log_softmax (the paper's baseline)",
+        peak_factor=4.0,
+        chart_style=("#ff7f0e", "s"),
     )
 )
 register(
@@ -147,6 +84,9 @@ register(
         supports_weight=False,
         min_classes=2,
         description="SparseLSR, equation 15, eager PyTorch",
+        peak_factor=3.0,
+        accurate_near_certainty=False,
+        chart_style=("#2ca02c", "D"),
     )
 )
 
@@ -155,6 +95,10 @@ register(
 
 def _fused_is_available(device: str) -> bool:
     return device == "cpu" or triton_available()
+
+
+# What every fused loss is: this project's kernel, whose closed-form gradient has no graph
+FUSED = {"fused": True, "double_backward": False}
 
 
 register(
@@ -167,6 +111,9 @@ register(
         min_classes=1,
         description="closed form in O(N) memory: one pass forward, one backward (Triton / compiled CPU)",
         is_available=_fused_is_available,
+        **FUSED,
+        peak_factor=1.1,
+        chart_style=("#d62728", "^"),
     )
 )
 register(
@@ -179,6 +126,9 @@ register(
         min_classes=2,
         description="SparseLSR (equation 15) in O(N) memory: one pass forward, one backward",
         is_available=_fused_is_available,
+        **FUSED,
+        peak_factor=1.1,
+        chart_style=("#9467bd", "v"),
     )
 )
 register(
@@ -192,6 +142,9 @@ register(
         description="fused-exact with inplace_backward=True: the gradient overwrites the logits",
         is_available=_fused_is_available,
         inplace_backward=True,
+        **FUSED,
+        peak_factor=2.1,  # the benchmark gives it a copy of the logits to overwrite
+        chart_style=("#8c564b", "P"),
     )
 )
 
@@ -207,6 +160,9 @@ register(
         "over the logits (C++ / Triton)",
         is_available=_fused_is_available,
         gradient_in_forward=True,
+        **FUSED,
+        peak_factor=2.1,  # each call gets fresh logits to overwrite, and the gate one more copy
+        chart_style=("#17becf", "h"),
     )
 )
 register(
@@ -221,12 +177,13 @@ register(
         "over the logits (C++ / Triton)",
         is_available=_fused_is_available,
         gradient_in_forward=True,
+        **FUSED,
+        peak_factor=2.1,
+        chart_style=("#393b79", "H"),  # tab20b navy: apart from the exact variant's cyan
     )
 )
 
 # --- peers (lsr.peers): other projects' losses, registered whether installed or not -----------------
-
-from lsr import peers  # noqa: E402 - needs Implementation above
 
 for _peer in peers.implementations():
     register(_peer)

@@ -1,7 +1,7 @@
 """The words every part of lsr shares: devices, dtypes, reductions, smoothing kinds, the loss signature.
 
 Defined once here; the losses, the registry and the benchmark import them (the benchmark's own words,
-passes and statuses, live in `lsr.bench.results`, the schema of what it records).
+passes and statuses, live in `lsr.bench.data`, the schema of what it records).
 """
 
 from __future__ import annotations

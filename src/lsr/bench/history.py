@@ -37,7 +37,7 @@ def machine_arguments() -> list[str]:
     """`asv machine` arguments that describe this host, non-interactively."""
     import psutil
 
-    from lsr.bench.environment import cpu_model, machine_name, vector_isa
+    from lsr.bench.measure.machine import cpu_model, machine_name, vector_isa
 
     cores = psutil.cpu_count(logical=True)
     return [
@@ -174,8 +174,8 @@ def draw(results_dir: str | Path, out: str | Path) -> list[Path]:
     allocated bytes of each implementation over commits, a column per size. Returns the PNGs."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    from lsr.bench import style
-    from lsr.bench.tables import format_bytes
+    from lsr.bench.report import style
+    from lsr.bench.report.tables import format_bytes
 
     results_dir, out = Path(results_dir), Path(out)
     written = []

@@ -27,9 +27,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lsr.bench import style
-from lsr.bench.environment import environment
-from lsr.bench.measure import peak_bytes, synchronize, time_pass
+from lsr.bench.measure import environment, peak_bytes, synchronize, time_pass
+from lsr.bench.report import style
 from lsr.fused import fused_label_smoothing, fused_sparse_label_smoothing
 from lsr.parallel import vocab_parallel_label_smoothing
 from lsr.types import DTYPES

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lsr.bench.tables import format_table
+from lsr.bench.report.tables import format_table
 from lsr.experiments.data import Dataset
 from lsr.experiments.training import RunResult
 

@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from lsr.bench.tables import format_table
+from lsr.bench.report.tables import format_table
 from lsr.experiments import DEFAULT_OUT
 from lsr.experiments.approximation import (
     BASE_CLASSES,

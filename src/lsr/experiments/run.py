@@ -2,7 +2,7 @@
 
 `run_experiment` trains every (loss, seed) pair, losses outer, each with a progress bar on stderr,
 then writes the t-SNE figure, the runs, and the summary with the run's metadata (the machine and
-software from `lsr.bench.environment`, and what was trained).
+software from `lsr.bench.measure.machine`, and what was trained).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lsr.bench.environment import environment
+from lsr.bench.measure.machine import environment
 from lsr.experiments.data import Dataset, load_dataset
 from lsr.experiments.models import MODELS
 from lsr.experiments.outputs import draw_tsne, output_path, tsne_titles, write_results

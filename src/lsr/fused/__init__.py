@@ -3,8 +3,15 @@
 One read of the logits forward (lse, sum of z, z_y per row), one read and one write backward; only
 O(N) state is kept between them. Triton kernels on CUDA (Triton is optional and imported lazily),
 compiled PyTorch on CPU. `gradient_in_forward=True` (the one-pass mode) computes the gradient in the
-forward pass instead and writes it over the logits. The math is in `lsr.fused.loss`; measurements
+forward pass instead and writes it over the logits. The math is in `lsr.fused.algebra`; measurements
 and caveats in docs/fused.md.
+
+The modules, from the public API down:
+    loss         the functions and modules (`fused_label_smoothing`, `FusedLSRLoss`, ...)
+    autograd     the autograd Functions: two-pass, and one-pass (gradient_in_forward=True)
+    algebra      the math, and the per-row algebra, O(N)
+    passes       the passes over the logits, on the backend that runs them
+    triton_kernels, cpu, onepass_cpu   the backends: Triton; PyTorch on CPU; the one-pass C++ kernel
 
 Example:
     >>> import torch
@@ -13,16 +20,15 @@ Example:
     >>> fused_label_smoothing(z, torch.tensor([1, 2, 3, 4]), smoothing=0.1).backward()
 """
 
+from lsr.fused.autograd import FusedLabelSmoothingFunction, FusedOnePassFunction
 from lsr.fused.cpu import cpu_options, set_cpu_backend
 from lsr.fused.loss import (
-    FusedLabelSmoothingFunction,
     FusedLSRLoss,
-    FusedOnePassFunction,
     FusedSparseLSRLoss,
     fused_label_smoothing,
     fused_sparse_label_smoothing,
-    triton_available,
 )
+from lsr.fused.passes import triton_available
 
 __all__ = [
     "FusedLSRLoss",

@@ -1,7 +1,7 @@
 """The two passes of the fused losses in plain PyTorch: the CPU path, and the fallback on any device.
 
 `row_stats` and `gradient` compute what the Triton kernels in `triton_kernels.py` compute, except
-the target column of the gradient, which `lsr.fused.loss` writes afterwards from saved O(N) values
+the target column of the gradient, which `passes.gradient` writes afterwards from saved O(N) values
 (inside the pass it costs a vectorised int64 compare per element: measured 1.5x slower; SparseLSR's
 statistics pay that compare, to sum 1 - p_y from the non-target terms). Written
 as whole-tensor expressions they would build N x C temporaries; two ways keep those out:
@@ -83,15 +83,25 @@ def cpu_backend(num_elements: int) -> str:
     """The backend that runs an input of `num_elements` logits on CPU now."""
     if _backend != "auto":
         return _backend
-    return "compile" if num_elements >= COMPILE_MIN_ELEMENTS and _have_cxx_compiler() else "eager"
+    return "compile" if num_elements >= COMPILE_MIN_ELEMENTS and cxx_compiler_available() else "eager"
 
 
 @functools.cache
-def _have_cxx_compiler() -> bool:
+def cxx_compiler_available() -> bool:
+    """Whether a C++ compiler that inductor's CPU code can use is on PATH ($CXX, g++ or clang++)."""
     return any(shutil.which(cxx) for cxx in (os.environ.get("CXX", "g++"), "g++", "clang++"))
 
 
 # --- the two passes, as expressions ---------------------------------------------------------------
+
+
+def exp_and_lse(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """e = exp(z - m) per logit, its row sums S and lse = m + log S per row, m the row's max."""
+    m = z.amax(dim=1, keepdim=True)
+    m = torch.where(m == float("-inf"), 0.0, m)  # a row of -inf only: lse = -inf, not NaN
+    e = (z - m).exp()
+    total = e.sum(dim=1)
+    return e, total, m.squeeze(1) + total.log()
 
 
 def _row_stats(
@@ -99,11 +109,7 @@ def _row_stats(
 ):
     """lse, and dot = sum_j w_j z_j (exact) or 1 - p_y from the non-target terms (sparse); the other None."""
     z = z.to(acc_dtype)
-    m = z.amax(dim=1, keepdim=True)
-    m = torch.where(m == float("-inf"), 0.0, m)  # a row of -inf only: lse = -inf, not NaN
-    e = (z - m).exp()
-    total = e.sum(dim=1)
-    lse = m.squeeze(1) + total.log()
+    e, total, lse = exp_and_lse(z)
     if not sparse:
         return lse, (z if weight is None else z * weight).sum(dim=1), None
     # A compare per element, not a gather: a target outside [0, C) excludes nothing here
@@ -157,7 +163,7 @@ def row_stats(
 
     A target outside [0, C) raises here (PyTorch's bounds check, run eagerly), except on the plain
     path (traced into a compiled graph, or on a GPU without Triton), where a failed bounds check
-    aborts the process or the device: there it reads class 0, and `lsr.fused.loss` makes the row NaN.
+    aborts the process or the device: there it reads class 0, and the row is made NaN (`algebra`).
     """
     backend = _backend_for(logits)
     index = target.clamp(0, logits.shape[1] - 1) if backend == "plain" else target

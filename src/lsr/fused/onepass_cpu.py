@@ -1,7 +1,7 @@
 """The one-pass CPU kernel: each row's loss, and its gradient written over the logits, in one read,
 one write and one exp per logit (issue 12; the autograd Function and public API are in lsr.fused).
 
-It computes `forward_gradient` as lsr/fused/loss.py's module docstring states it (the one-pass
+It computes `forward_gradient` as `lsr.fused.algebra`'s module docstring states it (the one-pass
 contract: per row, exact smoothing or equation 15, the gradient for the row's upstream gradient s).
 
 Two implementations of `forward_gradient`, chosen by `backend()`:
@@ -14,7 +14,7 @@ Two implementations of `forward_gradient`, chosen by `backend()`:
   built with OpenMP (`openmp()`), since at::parallel_for's pragma is ignored without it and the
   kernel would run on one thread; `threads_used()` tells how many threads ran the last call.
 - "torch": the same math in plain PyTorch over blocks of rows (temporaries of about
-  BLOCK_ELEMENTS logits); whole tensors on other devices.
+  BLOCK_ELEMENTS logits), the per-row algebra `lsr.fused.algebra`'s; whole tensors on other devices.
 "auto" (the default) takes "cpp" for CPU tensors when it builds, "torch" otherwise (with a warning
 saying why, once).
 
@@ -40,6 +40,8 @@ from pathlib import Path
 import torch
 
 from lsr.constants import PAPER_EPS
+from lsr.fused import cpu
+from lsr.fused.algebra import exact_rows, sparse_rows
 
 BACKENDS = ("auto", "cpp", "torch")
 BLOCK_ELEMENTS = 1 << 16
@@ -269,33 +271,21 @@ def _forward_gradient_rows(logits, target, weight, scale, smoothing, sparse):
     num_classes = logits.shape[1]
     z = logits.to(scale.dtype)
     index = target.unsqueeze(1)
-    m = z.amax(dim=1, keepdim=True)
-    m = torch.where(m == float("-inf"), 0.0, m)  # a row of -inf only: lse = -inf, not NaN
-    e = (z - m).exp()
-    total = e.sum(dim=1)
-    lse = m.squeeze(1) + total.log()
+    e, total, lse = cpu.exp_and_lse(z)
     z_y = z.gather(1, index).squeeze(1)
-    e_y = e.gather(1, index).squeeze(1)
-    p_y = e_y / total
-    s = scale
     if sparse:
-        a = 1 - smoothing + smoothing / num_classes
-        b = smoothing * (num_classes - 1) / num_classes
         one_minus_p_y = e.scatter(1, index, 0.0).sum(dim=1) / total  # the non-target terms
-        row_loss = -a * (z_y - lse) - b * torch.log((one_minus_p_y + PAPER_EPS) / (num_classes - 1))
-        c = a - b * p_y / (one_minus_p_y + PAPER_EPS)
-        grad = (s * c / total).unsqueeze(1) * e
-        g_y = -s * c * one_minus_p_y
+        row_loss, alpha, gamma, tau = sparse_rows(lse, z_y, one_minus_p_y, smoothing, num_classes)
     else:
-        gamma = smoothing / num_classes
-        w_y = 1.0 if weight is None else weight[target]
-        alpha = 1.0 if weight is None else (1 - smoothing) * w_y + gamma * weight.sum()
-        row_loss = alpha * lse - (1 - smoothing) * w_y * z_y
-        grad = (s * alpha / total).unsqueeze(1) * e
-        if smoothing > 0:  # skipped at 0, so that a -inf logit (a masked class) gives no 0 * inf
-            row_loss = row_loss - gamma * (z if weight is None else z * weight).sum(dim=1)
-            grad = grad - (s * gamma).unsqueeze(1) * (1.0 if weight is None else weight)
-        g_y = s * (alpha * p_y - (1 - smoothing + gamma) * w_y)
-    grad = grad.scatter(1, index, g_y.unsqueeze(1))
+        w_y = None if weight is None else weight[target]
+        # exact_rows reads dot only where eps > 0: no N x C pass for it otherwise
+        dot = (z if weight is None else z * weight).sum(dim=1) if smoothing > 0 else None
+        row_loss, alpha, gamma, tau = exact_rows(lse, dot, z_y, w_y, weight, smoothing, num_classes)
+    s = scale
+    # s alpha p_k - s gamma w_k from e, not exp(z - lse): one exp per logit
+    grad = (s * alpha / total).unsqueeze(1) * e
+    if gamma != 0:  # 0 for SparseLSR and at eps = 0: skip an N x C pass
+        grad = grad - (s * gamma).unsqueeze(1) * (1.0 if weight is None else weight)
+    grad = grad.scatter(1, index, (s * tau).unsqueeze(1))
     logits.copy_(grad)
     return row_loss

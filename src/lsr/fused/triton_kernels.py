@@ -1,20 +1,19 @@
 """Triton kernels of the fused losses (CUDA; CPU tensors too under TRITON_INTERPRET=1, for tests).
 
 Importing this module imports Triton: `lsr.fused` imports it only when a kernel is first needed.
-The math the kernels serve is in `lsr.fused.loss`. Per row of logits z (target y, weights w):
+The math the kernels serve is in `lsr.fused.algebra`. Per row of logits z (target y, weights w):
 
     _row_stats_kernel: lse = logsumexp(z), z_y, and dot = sum_j w_j z_j      one read of z
                        (exact) or 1 - p_y from the j != y terms (SPARSE)
     _gradient_kernel:  g_k = p exp(z_k - lse) - r w_k, and g_y = t          one read, one write
 
-and for the one-pass mode (gradient_in_forward=True; contract and formulas in lsr.fused.loss):
+and for the one-pass mode (gradient_in_forward=True; its contract is in lsr.fused.algebra):
 
     _forward_gradient_kernel: the row's loss, and its gradient written over z  two reads, one write
     _scale_rows_kernel:       g *= u where the upstream gradient u is not 1    read on the device
 
-One program per row for the statistics, looping over blocks of columns with an online max and
-sum-exp, so any class count fits (tested to 262144); one program per (row, column block) for the
-gradient. Arithmetic is in the dtype of the statistics (float32, float64 for float64 logits); row
+Rows are swept in blocks of columns with an online max and sum-exp, so any class count fits (tested
+to 262144). Arithmetic is in the dtype of the statistics (float32, float64 for float64 logits); row
 offsets are int64. Nothing synchronises with the host and nothing is allocated inside, so the
 launches can be captured in a CUDA graph.
 """
@@ -46,7 +45,8 @@ def _online_row_sweep(
     BLOCK_SIZE: tl.constexpr,
 ):
     """One read of a row: its max m, sum of exp(z - m), that sum over j != y (SPARSE), and sum of
-    w_j z_j (not SPARSE), by an online max over blocks of columns."""
+    w_j z_j (not SPARSE), by an online max over blocks of columns. No grid of its own: inlined into
+    the program of `_row_stats_kernel` and `_forward_gradient_kernel` that owns the row."""
     m = tl.full([], float("-inf"), acc_dtype)  # running max
     s = tl.zeros([], acc_dtype)  # running sum of exp(z - m)
     other = tl.zeros([], acc_dtype)  # the same over j != y (SPARSE)
@@ -86,6 +86,10 @@ def _row_stats_kernel(
     SPARSE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
+    """The forward statistics of one row. Grid (M,): program i reads row i of the logits (stride
+    stride_row, unit class stride) once, in blocks of BLOCK_SIZE columns, and stores lse[i], z_y[i]
+    (NaN for a target outside [0, C)), and dot[i] = sum_j w_j z_j or, SPARSE, one_minus_p_y[i] (the
+    other pointer is not written). Outputs are (M,) in the compute dtype, lse's."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     y = tl.load(target_ptr + row)
@@ -119,6 +123,10 @@ def _gradient_kernel(
     HAS_WEIGHT: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
+    """The two-pass backward on one block of one row. Grid (M, cdiv(C, BLOCK_SIZE)): program (i, b)
+    reads columns [b BLOCK_SIZE, (b + 1) BLOCK_SIZE) of logits row i and the row's (M,) lse, p, r, t
+    and target, and writes g_k = p exp(z_k - lse) - r w_k there, t at k = y, to the same columns of
+    grad (in grad's dtype)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = cols < n_cols
@@ -211,13 +219,6 @@ def gradient(
 
 
 # --- the one-pass mode (gradient_in_forward=True) ---------------------------------------------------
-#
-# One program per row, the row tiled in blocks of ONEPASS_BLOCK columns (C = 262144 does not fit in
-# shared memory). Sweep 1 reads the row once: online max m and S = sum exp(z - m) (with the sum over
-# j != y for SparseLSR, or dot = sum w_j z_j for exact smoothing). Sweep 2 reads it again (from L2
-# where the rows in flight fit there), computes p_k = exp(z_k - lse) and writes the gradient over it.
-# So each logit is read twice, written once, and costs two exps (on a GPU the exps are cheap beside
-# the memory traffic). The formulas are in lsr.fused.loss's docstring ("The one-pass mode").
 
 
 @triton.jit
@@ -238,6 +239,13 @@ def _forward_gradient_kernel(
     SPARSE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
+    """One row's loss, and its gradient written over it (lsr.fused.algebra, "The one-pass mode").
+    Grid (M,): program i sweeps row i in blocks of BLOCK_SIZE columns (C = 262144 does not fit in
+    shared memory) twice. Sweep 1: online max m, S = sum exp(z - m), and the sum over j != y (SPARSE)
+    or dot = sum w_j z_j. Sweep 2 reads the row again (from L2 where the rows in flight fit there)
+    and writes g = s dL/dz over it: two reads, one write and two exps per logit (cheap on a GPU beside
+    the memory traffic). Inputs: target, scale s per row, weights and their (0-d) sum; eps and 1e-7
+    as float32 (hi, lo) pairs. Output: row_loss[i], unscaled, in the compute dtype."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     y = tl.load(target_ptr + row)  # in [0, C): the caller made bad targets' rows NaN through `scale`
@@ -305,6 +313,9 @@ def _scale_rows_kernel(
     ACC_DTYPE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
+    """The one-pass backward on one block of one row. Grid (M, cdiv(C, BLOCK_SIZE)): program (i, b)
+    reads u = upstream[i stride_upstream] (stride 0: one number for every row) and, where u is not 1,
+    multiplies columns [b BLOCK_SIZE, (b + 1) BLOCK_SIZE) of grad row i by it, in place."""
     # Reads the upstream gradient on the device, so the host never waits for it; a program whose
     # row's upstream gradient is 1 (the usual loss.backward()) reads one number and does nothing.
     row = tl.program_id(0).to(tl.int64)
@@ -335,7 +346,7 @@ def forward_gradient(
     smoothing: float,
     sparse: bool,
 ) -> torch.Tensor:
-    """The one-pass contract (lsr.fused.loss, "The one-pass mode"): (M, C) logits with unit class
+    """The one-pass contract (lsr.fused.algebra, "The one-pass mode"): (M, C) logits with unit class
     stride, (M,) int64 targets in [0, C), (C,) weights or None and (M,) scale in the compute dtype
     -> the (M,) unscaled row losses; the logits are overwritten with the gradient of
     sum_i scale_i loss_i."""

@@ -1,6 +1,6 @@
 // The one-pass fused label-smoothing kernel on CPU: loss and gradient of each row in one read of the
 // logits, one write of the gradient over them and one exp per logit. The math is in
-// lsr/fused/onepass_cpu.py (and lsr/fused/loss.py); this file only orders it for the cache.
+// lsr/fused/algebra.py (and lsr/fused/onepass_cpu.py); this file only orders it for the cache.
 //
 // Per row, while it stays in cache (40 KB at C = 10000 float32, in L2):
 //   1. read z: the max m (and dot = sum_j w_j z_j for exact smoothing with eps > 0); half inputs are

@@ -1,6 +1,6 @@
 """The one look of lsr's charts: resolution, fonts, titles, legends, and a colour and marker per implementation.
 
-Every chart in `lsr.bench.plot` takes its figure, its fonts, its titles and its line styles from here,
+Every chart in `lsr.bench.report.plot` takes its figure, its fonts, its titles and its line styles from here,
 so that a colour names the same implementation in every chart of every run. The known registry
 names have fixed entries; any other name gets a colour and a marker chosen by a stable hash of the
 name (CRC-32, the same in every process, unlike Python's salted `hash`) from palettes that share
@@ -19,9 +19,10 @@ import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from lsr.bench.results import FLOOR, FLOOR_ALLOC
-from lsr.bench.selection import copy_bandwidth
-from lsr.bench.tables import format_bandwidth, format_caches
+import lsr
+from lsr.bench.data import FLOOR, FLOOR_ALLOC
+from lsr.bench.report.selection import recorded_copy_bandwidth
+from lsr.bench.report.tables import format_bandwidth, format_caches
 
 DPI = 110
 ANNOTATION_SIZE = 8  # the numbers written inside heatmap cells
@@ -36,21 +37,8 @@ RC = {
     "grid.alpha": 0.3,
 }
 
-# name -> (colour, marker). The first six are the registry's names today, in matplotlib's tab10
-# order, so the charts keep the colours they always had; the next three are held for names to come.
-# tab10's grey (#7f7f7f) is left out: grey draws the reference lines.
-FIXED: dict[str, tuple[str, str]] = {
-    "native": ("#1f77b4", "o"),
-    "dense": ("#ff7f0e", "s"),
-    "sparse": ("#2ca02c", "D"),
-    "fused-exact": ("#d62728", "^"),
-    "fused-sparse": ("#9467bd", "v"),
-    "fused-exact-inplace": ("#8c564b", "P"),
-    "native-compiled": ("#e377c2", "*"),
-    "liger": ("#bcbd22", "X"),
-    "fused-exact-onepass": ("#17becf", "h"),
-    "fused-sparse-onepass": ("#393b79", "H"),  # tab20b navy: apart from the exact variant's cyan
-}
+# Each registered implementation's colour and marker is its `chart_style` (lsr.registry keeps the
+# tab10 colours the charts always had; tab10's grey is left out: grey draws the reference lines).
 # For other names: dark, saturated colours, apart from tab10's mid tones above, and markers that no
 # fixed entry uses, so that a new name is told apart by its marker even where a hue comes near.
 PALETTE = (
@@ -88,12 +76,13 @@ def line_style(name: str) -> dict:
     '-.'
     >>> line_style("my-new-loss")  # from the name's CRC-32: the same in every process and run
     {'color': '#2f4f4f', 'marker': 'p', 'label': 'my-new-loss'}
-    >>> line_style("my-new-loss")["color"] in {color for color, _ in FIXED.values()}
+    >>> line_style("my-new-loss")["color"] in {i.chart_style[0] for i in lsr.REGISTRY.values() if i.chart_style}
     False
     """
     if name in FLOORS:
         return dict(FLOORS[name])
-    color, marker = FIXED.get(name) or _hashed(name)
+    impl = lsr.REGISTRY.get(name)
+    color, marker = (impl.chart_style if impl is not None else None) or _hashed(name)
     return {"color": color, "marker": marker, "label": name}
 
 
@@ -135,7 +124,7 @@ def hardware_line(metadata: dict) -> str:
     cpu = metadata.get("device", "cpu") == "cpu"
     isa = metadata.get("vector_isa") if cpu and metadata.get("vector_isa") != "unknown" else None
     caches = format_caches(metadata.get("cache_bytes")) if cpu else ""
-    copy = format_bandwidth(copy_bandwidth(metadata))
+    copy = format_bandwidth(recorded_copy_bandwidth(metadata))
     return " · ".join(p for p in (isa, caches, f"copy {copy}" if copy else "") if p)
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 import torch
 
 import lsr
-from lsr.bench.results import FLOORS, PASSES, Case, Pass
+from lsr.bench.data import FLOORS, FWD_BWD, PASSES, Case, Pass
 from lsr.types import Device
 
 ALL_CORES = "all"  # a Grid's threads value: torch's intra-op thread count when the cases are made
@@ -52,33 +52,15 @@ class Grid:
         ):
             # The floors have no smoothing, targets or weights: recorded once per size, under the
             # sweep's first smoothing value, with no ignored target and no weights.
-            fwd_bwd = "forward+backward"
             for floor in FLOORS:
-                yield Case(floor, device, dtype, batch, classes, self.smoothings[0], fwd_bwd, threads=threads)
+                yield Case(floor, device, dtype, batch, classes, self.smoothings[0], FWD_BWD, threads=threads)
             for ignore_fraction, weighted in itertools.product(self.ignore_fractions, self.weighted):
                 for name, smoothing, pass_ in itertools.product(
                     self.implementations, self.smoothings, self.passes
                 ):
-                    impl = lsr.get(name)
-                    if not impl.can_repeat_backward and pass_ == "backward":
-                        continue  # it cannot run backward twice through one graph
-                    refused = impl.unsupported(
-                        classes=classes, dtype=dtype, weighted=weighted, ignoring=ignore_fraction > 0
-                    )
-                    if impl.runs_on(device) and refused is None:
-                        case = (
-                            name,
-                            device,
-                            dtype,
-                            batch,
-                            classes,
-                            smoothing,
-                            pass_,
-                            ignore_fraction,
-                            weighted,
-                            threads,
-                        )
-                        yield Case(*case)
+                    case = (name, device, dtype, batch, classes, smoothing, pass_, ignore_fraction, weighted)
+                    if takes(lsr.get(name), Case(*case, threads=threads)):
+                        yield Case(*case, threads=threads)
 
     def as_dict(self) -> dict[str, list]:
         """The axes as lists: what metadata.json records, and equal for equal grids whatever
@@ -108,6 +90,39 @@ def cases_of(grids: Iterable[Grid]) -> list[Case]:
         return sizes[size], variants[(*size, case.ignore_fraction, case.weighted)], not case.is_floor
 
     return sorted(unique, key=order)
+
+
+def why_not(impl: lsr.Implementation, case: Case) -> str | None:
+    """Why `impl` cannot take `case` on any machine (a sentence), or None: the one eligibility check,
+    which the grid uses to leave such cases out and `refusal` to record them."""
+    reason = impl.unsupported(
+        classes=case.classes,
+        dtype=case.dtype,
+        reduction="mean",  # the timed one
+        weighted=case.weighted,
+        ignoring=case.ignore_fraction > 0,
+    )
+    if reason is None and not impl.can_repeat_backward and case.pass_ == "backward":
+        reason = f"{impl.name}'s backward cannot run twice on one graph"
+    return reason
+
+
+def takes(impl: lsr.Implementation, case: Case) -> bool:
+    """Whether `impl` runs on the case's device type and takes the case: a grid's cases."""
+    return impl.runs_on(case.device) and why_not(impl, case) is None
+
+
+def refusal(case: Case) -> dict | None:
+    """Why `case` cannot be measured here at all (a status and message for its row), or None."""
+    if case.device not in present_devices():
+        return {"status": "not-available", "message": f"this machine has no {case.device} device"}
+    if case.is_floor:
+        return None
+    impl = lsr.get(case.implementation)
+    if not impl.runs_on(case.device):
+        return {"status": "not-available", "message": f"{impl.name} does not run on {case.device} here"}
+    reason = why_not(impl, case)
+    return None if reason is None else {"status": "unsupported", "message": reason}
 
 
 def present_devices() -> list[Device]:
@@ -175,7 +190,8 @@ def field(device: str, dtypes: Sequence[str], batch: int, classes: int) -> Grid:
 # In that order, with the LM regime's float32 sizes last: a run cut short by its time limit loses
 # those first.
 # Durations are ESTIMATES, not measurements: no GPU was lent to the session that wrote these presets.
-# Model: a call moves about k x the logits' bytes at 4 TB/s (an H200's copy rate; NOTES.md section 8),
+# Model: a call moves about k x the logits' bytes at 4 TB/s (the copy rate reported for the lent H200,
+# about 4.3 TB/s; for the H100 about 3.0; not measured by this project),
 # k from 2 (floors, one-pass) and 3 (fused) to about 12 (dense), about 15 calls a case (warm-up,
 # gate, at least 7 timed, wall cross-check, memory meter), at least --min-time 0.05 s of timed calls
 # and 0.25 s of overhead a case, and a minute of compilation (Triton, inductor); the per-case

@@ -9,16 +9,12 @@ one-pass mode), gets a fresh copy of them for every call; the float64 rows are t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from lsr.bench.results import IGNORE_INDEX, Case
+from lsr.bench.data import IGNORE_INDEX, Case
+from lsr.bench.measure.problem import Problem
 from lsr.registry import Implementation
 from lsr.types import LossFn
-
-if TYPE_CHECKING:
-    from lsr.bench.measure import Problem
 
 
 class GateFailure(AssertionError):
@@ -62,7 +58,7 @@ def check_against_reference(
     rows = gate_rows(case.batch, logits.device)
     sub = logits.detach()[rows].double().requires_grad_(True)  # before any call that may overwrite them
 
-    writes_logits = impl.inplace_backward or impl.gradient_in_forward
+    writes_logits = impl.overwrites_logits
 
     def fresh() -> torch.Tensor:  # the logits a call gets: a copy of its own where it writes into them
         return problem.copy().logits if writes_logits else logits

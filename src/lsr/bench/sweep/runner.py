@@ -7,8 +7,8 @@ other row as it was, and refuses rows measured with other settings; with `isolat
 kills its process costs its row only.
 
 Sharded over the ranks of a torchrun launch (`shard`), each rank measures its share of the cases
-(whole sizes, `lsr.bench.shard.share`) on its own device into its own part file, and rank 0 merges
-the parts into results.csv at the end (`lsr.bench.merge`); the guarantees above hold for the run as
+(whole sizes, `lsr.bench.sweep.shard.share`) on its own device into its own part file, and rank 0 merges
+the parts into results.csv at the end (`lsr.bench.data.merge`); the guarantees above hold for the run as
 a whole.
 """
 
@@ -19,45 +19,47 @@ import gc
 import itertools
 import pickle
 import warnings
-from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-import lsr
-from lsr.bench import isolate as isolation
-from lsr.bench import measure, merge
-from lsr.bench.environment import OtherLoad, available_bytes, environment, machine_name
-from lsr.bench.lock import LOCK_FILE, SweepLocked, output_lock, run_lock
-from lsr.bench.results import (
+from lsr.bench.data import (
     BUSY_LOAD,
-    FLOOR,
     METADATA_FILE,
     RESULTS_FILE,
     Case,
     busy_rows,
     case_key,
-    new_row,
+    merge,
     read_metadata,
     read_rows,
     write_metadata,
     write_rows,
 )
-from lsr.bench.shard import Shard, share, size_of
+from lsr.bench.data.lock import LOCK_FILE, SweepLocked, output_lock  # noqa: F401 - LOCK_FILE: the sweep's lock, for callers
+from lsr.bench.measure import environment
+from lsr.bench.sweep.case import isolated_rows, measure_cases
+from lsr.bench.sweep.shard import (
+    Shard,
+    cuda_device_of,
+    lock_in_turn,
+    rank_record,
+    share,
+    shared_hosts,
+    shared_warning,
+    size_of,
+)
 from lsr.types import LossFn
 
 __all__ = [
-    "LOCK_FILE",
     "BusyMachineWarning",
     "ResumeRefused",
     "SharedHostWarning",
     "SweepInterrupted",
     "SweepLocked",
-    "busy_rows",
-    "measure_case",
     "run_sweep",
 ]
 
@@ -85,180 +87,6 @@ class BusyMachineWarning(UserWarning):
 
 class SharedHostWarning(UserWarning):
     """Several ranks of a sharded sweep measured on one host's CPU (or its one MPS device) at once."""
-
-
-# --- one case ---------------------------------------------------------------------------------------
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    # CUDA's and MPS's allocators say "out of memory"; PyTorch's CPU allocator "can't allocate memory"
-    # or "not enough memory" in a RuntimeError.
-    phrases = ("out of memory", "can't allocate memory", "not enough memory")
-    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or any(
-        phrase in str(error).lower() for phrase in phrases
-    )
-
-
-def base_row(case: Case) -> dict:
-    """The row of `case` before anything is measured, with the settings it is measured under."""
-    kind = FLOOR if case.is_floor else lsr.get(case.implementation).smoothing_kind
-    threads = torch.get_num_threads() if case.threads is None else case.threads
-    return new_row(case, kind) | {"threads": threads, "machine": machine_name()}
-
-
-def failure(error: BaseException, context: str = "") -> dict:
-    status = "oom" if is_out_of_memory(error) else "error"
-    return {"status": status, "message": f"{context}{type(error).__name__}: {error}".splitlines()[0][:300]}
-
-
-def memory_refusal(case: Case, held_bytes: int = 0) -> dict | None:
-    """A skip when the case's estimated peak exceeds what its device has free (plus `held_bytes`,
-    the inputs this process already holds for it)."""
-    available = available_bytes(case.device)
-    needed = measure.estimated_peak_bytes(case)
-    if available is None or needed <= available + held_bytes:
-        return None
-    return {
-        "status": "skipped",
-        "message": f"estimated peak {needed / 2**30:.2f} GiB exceeds the "
-        f"{(available + held_bytes) / 2**30:.2f} GiB available on {case.device}",
-    }
-
-
-def collect_garbage() -> None:
-    """Free what the last case left in reference cycles: a full collection, after which the survivors
-    are frozen (`gc.freeze`), so that the next looks only at objects made since. A full collection
-    over torch's and its compilers' objects costs about 0.4 s, which once per case was most of a
-    small case's time. `run_sweep` unfreezes them when it ends (a child process just exits)."""
-    gc.collect()
-    gc.freeze()
-
-
-def bandwidth(row: dict, copy_bandwidth: float | None) -> dict:
-    """A forward+backward row's least traffic per second (read the logits, write the gradient), and
-    that as a fraction of the device's copy bandwidth; nothing for other passes."""
-    if row["pass"] != "forward+backward" or not row["median_s"]:
-        return {}
-    achieved = 2 * row["logits_bytes"] / row["median_s"]
-    fraction = achieved / copy_bandwidth if copy_bandwidth else None
-    return {"bandwidth_bytes_per_s": achieved, "bandwidth_fraction": fraction}
-
-
-def measure_case(
-    case: Case,
-    problem: measure.Problem,
-    loss_fn: LossFn | None = None,
-    min_time: float = 0.5,
-    copy_bandwidth: float | None = None,
-) -> dict:
-    """One row: gate, time and meter `case`. Never raises for a failing case; the row says what happened.
-
-    The timed pass's first call comes before the gate, so that its time (first_call_s) includes any
-    compilation; a case the gate rejects keeps no time at all. `copy_bandwidth`: the device's, for
-    the row's bandwidth_fraction.
-    """
-    row = base_row(case)
-    device = torch.device(case.device)
-    impl = None if case.is_floor else lsr.get(case.implementation)
-    try:
-        timed = measure.Pass(case, problem, impl, loss_fn)
-        first_call_s = measure.timed_call(timed)
-        if impl is not None:
-            row["max_rel_error"] = measure.check_against_reference(case, problem, impl, loss_fn)
-        with OtherLoad(resolution=BUSY_LOAD / 2) as load:
-            timing = measure.time_pass(timed, min_time=min_time, first_call_s=first_call_s)
-        row.update(timing.row_fields())  # median, IQR, runs, threads, first call, timer, wall and host time
-        row.update(bandwidth(row, copy_bandwidth))
-        if load.fraction is not None:  # else timed too briefly to tell: both stay empty
-            row.update(other_load=load.fraction, busy=load.fraction > BUSY_LOAD)
-        row["message"] = timing.warning or ""
-        row["peak_bytes"] = measure.peak_bytes(timed, device)
-        if device.type == "cpu":
-            row["peak_rss_bytes"] = measure.peak_rss_bytes(timed)
-    except measure.GateFailure as e:
-        row["status"], row["message"] = "failed", str(e)
-    except Exception as e:  # noqa: BLE001 - a sweep records any failure and goes on
-        row.update(failure(e))
-    finally:
-        timed = None
-        collect_garbage()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return row
-
-
-def _size(case: Case) -> tuple:
-    """What one set of inputs serves: a size, its ignored targets and its class weights."""
-    return (case.device, case.dtype, case.batch, case.classes, case.ignore_fraction, case.weighted)
-
-
-def measure_cases(
-    cases: list[Case],
-    logit_std: float,
-    min_time: float,
-    loss_fns: dict[str, LossFn],
-    threads: int | None = None,
-    copy_bandwidths: dict[str, float | None] | None = None,
-    cuda_device: int | None = None,
-) -> Iterator[dict]:
-    """A row per case, in order, each set of inputs made once, each case at its thread count (torch's
-    count is restored at the end). The one place cases are measured: in this process, or in an
-    isolated child (hence `threads`, for cases that name none: a child starts with torch's default,
-    `copy_bandwidths`, by device: the parent's measurement, so that every row of a run shares it, and
-    `cuda_device`: the GPU "cuda" means, a sharded sweep's rank's own)."""
-    copy_bandwidths = copy_bandwidths or {}
-    own_threads = torch.get_num_threads()
-    try:
-        if threads is not None:
-            torch.set_num_threads(threads)
-        yield from _measure_cases(cases, logit_std, min_time, loss_fns, copy_bandwidths, cuda_device)
-    finally:
-        torch.set_num_threads(own_threads)
-
-
-def _measure_cases(cases, logit_std, min_time, loss_fns, copy_bandwidths, cuda_device) -> Iterator[dict]:
-    if cuda_device is not None:
-        torch.cuda.set_device(cuda_device)
-    default_threads = torch.get_num_threads()
-    size, problem, problem_error = None, None, None
-    for case in cases:
-        torch.set_num_threads(default_threads if case.threads is None else case.threads)
-        why_not = measure.refusal(case)
-        if why_not is None and _size(case) != size:
-            size, problem, problem_error = _size(case), None, None
-            collect_garbage()  # the previous inputs go before these are weighed and made
-        held = 0 if problem is None else case.batch * case.classes * problem.logits.element_size()
-        why_not = why_not or memory_refusal(case, held)
-        if why_not is None and problem is None and problem_error is None:
-            try:
-                problem = measure.Problem.make(case, logit_std=logit_std)
-            except Exception as e:  # noqa: BLE001
-                problem_error = e
-        if why_not is not None:
-            row = base_row(case) | why_not
-        elif problem is None:
-            row = base_row(case) | failure(problem_error, "making inputs: ")
-        else:
-            loss_fn, copy_bandwidth = loss_fns.get(case.implementation), copy_bandwidths.get(case.device)
-            row = measure_case(case, problem, loss_fn, min_time=min_time, copy_bandwidth=copy_bandwidth)
-        yield row | {"min_time": min_time, "logit_std": logit_std}
-
-
-def isolated_rows(cases: list[Case], logit_std: float, min_time: float, *args) -> Iterator[dict]:
-    """`measure_cases` in a child process, and in a new one after each death, which costs the case
-    being measured: its row says how the child died (oom on SIGKILL, else crashed). `args`: the rest
-    of measure_cases' arguments."""
-    left = list(cases)
-    while left:
-        try:
-            for row in isolation.stream(measure_cases, list(left), logit_std, min_time, *args):
-                left.pop(0)  # rows come in the order of the cases
-                yield row
-            return
-        except isolation.ChildDied as died:
-            if left:
-                settings = {"min_time": min_time, "logit_std": logit_std}
-                yield base_row(left.pop(0)) | died.outcome() | settings
 
 
 def _groups(cases: list[Case], isolate: str | None) -> list[list[Case]]:
@@ -471,13 +299,13 @@ class Run:
         shard.require_same([case.key() for case in self.cases], "the cases to measure")
         mine = share(self.cases, shard.rank, shard.world_size)
         with contextlib.ExitStack() as cleanup:
-            _lock_in_turn(self.out_dir, shard, cleanup)
+            lock_in_turn(self.out_dir, shard, cleanup)
             cleanup.callback(gc.unfreeze)
             previous = self._previous_sharded(shard)
-            cuda_device = shard.each(lambda: _cuda_device(self.cases, shard))
+            cuda_device = shard.each(lambda: cuda_device_of(self.cases, shard))
             metadata = _metadata(self.out_dir, self.cases, self.settings, self.resume, **record)
-            ranks = shard.all_gather(_rank_record(shard, metadata, len(mine), cuda_device))
-            shared, note = _shared_hosts(ranks, self.cases, shard)
+            ranks = shard.all_gather(rank_record(shard, metadata, len(mine), cuda_device))
+            shared, note = shared_hosts(ranks, self.cases, shard)
             metadata["shard"] = {
                 "world_size": shard.world_size,
                 "run_id": shard.run_id,
@@ -486,7 +314,7 @@ class Run:
                 "shared_hosts": shared,
             }
             if shared:
-                metadata["warning"] = _shared_warning(shared)
+                metadata["warning"] = shared_warning(shared)
             if shard.rank == 0:
                 write_metadata(self.out_dir / METADATA_FILE, metadata)
             todo = [case for case in mine if previous.get(case.key(), {}).get("status") != "ok"]
@@ -535,68 +363,3 @@ class Run:
         merge.remove(paths)
         shard.barrier()  # every old part is gone before a rank writes its new one
         return previous
-
-
-def _lock_in_turn(out_dir: Path, shard: Shard, cleanup: contextlib.ExitStack) -> None:
-    """Each rank in turn takes out_dir's lock for this run, or joins it where a rank before it holds
-    it (on a shared file system, or on its host's disk); SweepLocked on every rank if any was refused."""
-    error = None
-    for turn in range(shard.world_size):
-        if turn == shard.rank:
-            try:
-                who = f"rank {shard.rank} of {shard.world_size}"
-                cleanup.enter_context(run_lock(out_dir, shard.run_id, who))
-            except SweepLocked as e:
-                error = e
-        shard.barrier()
-    shard.settle(error)
-
-
-def _cuda_device(cases: list[Case], shard: Shard) -> int | None:
-    """The GPU this rank measures on, its LOCAL_RANK, made the current one; None without CUDA cases."""
-    if not any(torch.device(case.device).type == "cuda" for case in cases):
-        return None
-    count = torch.cuda.device_count()
-    if shard.local_rank >= count:
-        raise ValueError(
-            f"rank {shard.rank} is local rank {shard.local_rank} on {shard.host}, which has {count} "
-            f"GPUs: one rank per GPU (torchrun --nproc-per-node {count} or fewer)"
-        )
-    torch.cuda.set_device(shard.local_rank)
-    return shard.local_rank
-
-
-def _rank_record(shard: Shard, metadata: dict, cases: int, cuda_device: int | None) -> dict:
-    """What metadata.json records of one rank."""
-    own = {k: metadata.get(k) for k in ("machine", "device_name", "copy_bandwidth_bytes_per_s", "threads")}
-    where = {
-        "rank": shard.rank,
-        "local_rank": shard.local_rank,
-        "host": shard.host,
-        "cuda_device": cuda_device,
-    }
-    return where | own | {"cases": cases}
-
-
-# Devices a host has one of, which all its ranks then share.
-SHARED_DEVICES = ("cpu", "mps")
-
-
-def _shared_hosts(ranks: list[dict], cases: list[Case], shard: Shard) -> tuple[dict[str, int], str]:
-    """The hosts where several ranks measured on the one CPU (or MPS device) at once, with how many;
-    and the note this rank's rows then carry (empty where its host has one rank)."""
-    if not any(torch.device(case.device).type in SHARED_DEVICES for case in cases):
-        return {}, ""
-    shared = {host: n for host, n in Counter(r["host"] for r in ranks).items() if n > 1}
-    if shard.host not in shared:
-        return shared, ""
-    return shared, f"shared host: {shared[shard.host]} ranks measured on {shard.host} at once"
-
-
-def _shared_warning(shared: dict[str, int]) -> str:
-    hosts = ", ".join(f"{n} on {host}" for host, n in shared.items())
-    return (
-        f"several ranks measured on one host's CPU at once ({hosts}): their times disturb each other's "
-        "(each row says so in its message; column busy where the load was measured): on CPU, shard "
-        "with one rank per host"
-    )

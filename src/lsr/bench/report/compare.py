@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from lsr.bench.measure import relative_iqr
-from lsr.bench.results import Case, case_key
-from lsr.bench.tables import format_table
+from lsr.bench.data import Case, case_key
+from lsr.bench.measure.timing import relative_iqr
+from lsr.bench.report.tables import format_table
 
 
 def compare(

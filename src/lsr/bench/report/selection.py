@@ -3,7 +3,7 @@ order; the floor each is measured against; the bandwidth a row achieved; one var
 smoothing, ignore fraction, weighting) at a time; the rows at all cores, and how each case scaled
 from one thread to them; and the chart files' names.
 
-`lsr.bench.plot`, `lsr.bench.report` and `lsr.bench.ship` all select through here, so the charts and
+`lsr.bench.report.plot`, `lsr.bench.report.summary` and `lsr.bench.report.ship` all select through here, so the charts and
 the tables always show the same rows.
 """
 
@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from lsr.bench.results import FLOORS
+from lsr.bench.data import FLOORS, FWD_BWD
 
 MiB = 2**20
-FWD_BWD = "forward+backward"
 CHARTS = (
     "time_vs_batch",
     "time_vs_classes",
@@ -56,13 +55,13 @@ def dtypes(rows: list[dict]) -> list[str]:
     return sorted({r["dtype"] for r in ok_rows(rows) if not is_floor(r)})
 
 
-def copy_bandwidth(metadata: dict, device: str | None = None) -> float | None:
+def recorded_copy_bandwidth(metadata: dict, device: str | None = None) -> float | None:
     """The copy bandwidth (bytes/s) the run measured on `device` (default: the run's), from
     metadata.json's copy_bandwidth_bytes_per_s, one number per device; None where it has none.
 
-    >>> copy_bandwidth({"device": "cuda", "copy_bandwidth_bytes_per_s": {"cuda": 4e12}})
+    >>> recorded_copy_bandwidth({"device": "cuda", "copy_bandwidth_bytes_per_s": {"cuda": 4e12}})
     4000000000000.0
-    >>> copy_bandwidth({"device": "cpu", "copy_bandwidth_bytes_per_s": {"cpu": None}}) is None
+    >>> recorded_copy_bandwidth({"device": "cpu", "copy_bandwidth_bytes_per_s": {"cpu": None}}) is None
     True
     """
     value = metadata.get("copy_bandwidth_bytes_per_s")
@@ -71,14 +70,14 @@ def copy_bandwidth(metadata: dict, device: str | None = None) -> float | None:
     return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
-def bandwidth(r: dict, metadata: dict | None = None) -> tuple[float | None, float | None]:
+def achieved_bandwidth(r: dict, metadata: dict | None = None) -> tuple[float | None, float | None]:
     """Bytes per second of the least traffic a forward+backward makes (the logits read, their gradient
     written: 2 · logits bytes), and that as a fraction of the machine's copy bandwidth; for measured
     forward+backward and floor rows, from their columns or, in a file older than them, computed."""
     if r["status"] != "ok" or r["pass"] != FWD_BWD or r["median_s"] is None:
         return None, None
     achieved = r.get("bandwidth_bytes_per_s") or 2 * r["logits_bytes"] / r["median_s"]
-    copy = copy_bandwidth(metadata or {}, r["device"])
+    copy = recorded_copy_bandwidth(metadata or {}, r["device"])
     fraction = r.get("bandwidth_fraction")
     return achieved, fraction if fraction is not None else (achieved / copy if copy else None)
 

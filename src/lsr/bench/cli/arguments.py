@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import NoReturn
 
 import lsr
-from lsr.bench import grid as grids
-from lsr.bench.results import Case
+from lsr.bench import sweep as grids
+from lsr.bench.data import Case
 
 EXIT_USAGE = 2
 

@@ -1,5 +1,7 @@
-"""One sweep shared by the ranks of a torchrun launch: who this rank is, which cases are its own, and
-the few collectives that keep the ranks of one run together.
+"""One sweep shared by the ranks of a torchrun launch: who this rank is, which cases are its own, the
+few collectives that keep the ranks of one run together, and what the runner's sharded path asks of
+them (the output lock taken in turn, each rank's GPU, what metadata.json records of each rank, and
+the hosts where several ranks share one CPU).
 
 torchrun (or any launcher that sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and
 MASTER_PORT) starts the ranks; `Shard.start` joins them with torch.distributed's own rendezvous. The
@@ -14,16 +16,20 @@ import datetime
 import os
 import socket
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 import torch.distributed as dist
 
-from lsr.bench.results import Case
+from lsr.bench.data import Case
+from lsr.bench.data.lock import SweepLocked, run_lock
 from lsr.types import DTYPES
 
-__all__ = ["Shard", "share", "size_of"]
+__all__ = ["SHARED_DEVICES", "Shard", "share", "size_of"]
 
 T = TypeVar("T")
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -178,3 +184,68 @@ class Shard:
                 f"the ranks disagree on {what}: rank {differing[0]} differs from rank 0 "
                 "(same command, same software and the same devices on every host)"
             )
+
+
+def lock_in_turn(out_dir: Path, shard: Shard, cleanup: contextlib.ExitStack) -> None:
+    """Each rank in turn takes out_dir's lock for this run, or joins it where a rank before it holds
+    it (on a shared file system, or on its host's disk); SweepLocked on every rank if any was refused."""
+    error = None
+    for turn in range(shard.world_size):
+        if turn == shard.rank:
+            try:
+                who = f"rank {shard.rank} of {shard.world_size}"
+                cleanup.enter_context(run_lock(out_dir, shard.run_id, who))
+            except SweepLocked as e:
+                error = e
+        shard.barrier()
+    shard.settle(error)
+
+
+def cuda_device_of(cases: list[Case], shard: Shard) -> int | None:
+    """The GPU this rank measures on, its LOCAL_RANK, made the current one; None without CUDA cases."""
+    if not any(torch.device(case.device).type == "cuda" for case in cases):
+        return None
+    count = torch.cuda.device_count()
+    if shard.local_rank >= count:
+        raise ValueError(
+            f"rank {shard.rank} is local rank {shard.local_rank} on {shard.host}, which has {count} "
+            f"GPUs: one rank per GPU (torchrun --nproc-per-node {count} or fewer)"
+        )
+    torch.cuda.set_device(shard.local_rank)
+    return shard.local_rank
+
+
+def rank_record(shard: Shard, metadata: dict, cases: int, cuda_device: int | None) -> dict:
+    """What metadata.json records of one rank."""
+    own = {k: metadata.get(k) for k in ("machine", "device_name", "copy_bandwidth_bytes_per_s", "threads")}
+    where = {
+        "rank": shard.rank,
+        "local_rank": shard.local_rank,
+        "host": shard.host,
+        "cuda_device": cuda_device,
+    }
+    return where | own | {"cases": cases}
+
+
+# Devices a host has one of, which all its ranks then share.
+SHARED_DEVICES = ("cpu", "mps")
+
+
+def shared_hosts(ranks: list[dict], cases: list[Case], shard: Shard) -> tuple[dict[str, int], str]:
+    """The hosts where several ranks measured on the one CPU (or MPS device) at once, with how many;
+    and the note this rank's rows then carry (empty where its host has one rank)."""
+    if not any(torch.device(case.device).type in SHARED_DEVICES for case in cases):
+        return {}, ""
+    shared = {host: n for host, n in Counter(r["host"] for r in ranks).items() if n > 1}
+    if shard.host not in shared:
+        return shared, ""
+    return shared, f"shared host: {shared[shard.host]} ranks measured on {shard.host} at once"
+
+
+def shared_warning(shared: dict[str, int]) -> str:
+    hosts = ", ".join(f"{n} on {host}" for host, n in shared.items())
+    return (
+        f"several ranks measured on one host's CPU at once ({hosts}): their times disturb each other's "
+        "(each row says so in its message; column busy where the load was measured): on CPU, shard "
+        "with one rank per host"
+    )

@@ -1,7 +1,7 @@
 """Part of a sweep in a child process: a case that exhausts memory or kills the interpreter costs its
 row, not the sweep.
 
-The child is a fresh interpreter, `python -m lsr.bench.isolate FD` (nothing inherited from the
+The child is a fresh interpreter, `python -m lsr.bench.sweep.isolate FD` (nothing inherited from the
 parent's state, safe with CUDA, and unlike multiprocessing's spawn it never re-runs the parent's
 main script). It reads a pickled job from stdin, the parent's sys.path then (function, arguments),
 and writes back to FD, pickled one at a time, what the generator function yields, so the items made
@@ -49,7 +49,7 @@ def stream(fn: Callable[..., Iterable], *args) -> Iterator:
     read_fd, write_fd = os.pipe()
     # Its own session: Ctrl-C reaches the parent only, which ends the child.
     child = subprocess.Popen(
-        [sys.executable, "-m", "lsr.bench.isolate", str(write_fd)],
+        [sys.executable, "-m", "lsr.bench.sweep.isolate", str(write_fd)],
         stdin=subprocess.PIPE,
         pass_fds=(write_fd,),
         start_new_session=True,

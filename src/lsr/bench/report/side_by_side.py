@@ -2,7 +2,7 @@
 
 Each run shows its main variant (the one with the most rows, e.g. smoothing 0.1 with no ignored
 targets and no weights), so that a line never mixes variants; colours, markers and titles come from
-`lsr.bench.style`, as in every chart of a run.
+`lsr.bench.report.style`, as in every chart of a run.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from lsr.bench import style
-from lsr.bench.results import FLOORS
-from lsr.bench.selection import FWD_BWD, at_all_cores, implementations, ok_rows, variants
+from lsr.bench.data import FLOORS
+from lsr.bench.report import style
+from lsr.bench.report.selection import FWD_BWD, at_all_cores, implementations, ok_rows, variants
 
 __all__ = ["plot_side_by_side", "shared_shapes", "side_by_side_figure"]
 

@@ -17,16 +17,13 @@ import contextlib
 from collections.abc import Iterable
 from pathlib import Path
 
-from lsr.bench import environment
-from lsr.bench.lock import output_lock
-from lsr.bench.results import (
+from lsr.bench.data.lock import output_lock
+from lsr.bench.data.rows import read_metadata, read_rows, write_metadata, write_rows
+from lsr.bench.data.schema import (
     METADATA_FILE,
     RESULTS_FILE,
     case_key,
-    read_metadata,
-    read_rows,
-    write_metadata,
-    write_rows,
+    machine_name_of,
 )
 
 PARTS_DIR = "parts"
@@ -86,12 +83,12 @@ def fold_parts(out_dir: Path) -> None:
 
 def machine_of(metadata: dict, where: str | Path = "") -> str:
     """The machine a run's metadata names: its `machine`, or, in metadata older than that key, the
-    name `lsr.bench.environment.machine_name` gives its cpu_model, cpu_count and vector_isa."""
+    name `lsr.bench.measure.machine_name` gives its cpu_model, cpu_count and vector_isa."""
     if metadata.get("machine"):
         return metadata["machine"]
     if metadata.get("cpu_model") and metadata.get("cpu_count"):
         isa = metadata.get("vector_isa") or "unknown"  # metadata older than the ISA: vector_isa()'s "unknown"
-        return environment.machine_name_of(metadata["cpu_model"], metadata["cpu_count"], isa)
+        return machine_name_of(metadata["cpu_model"], metadata["cpu_count"], isa)
     raise ValueError(
         f"{where}: its rows name no machine and its metadata.json names none either "
         "(no machine, cpu_model or cpu_count): cannot tell which machine measured them"

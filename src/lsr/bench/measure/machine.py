@@ -30,7 +30,9 @@ import psutil
 import torch
 
 import lsr
-from lsr.bench.measure import CUDA_EVENTS, L2_FLUSH, PERF_COUNTER, l2_flush_bytes, synchronize, time_pass
+from lsr.bench.data.schema import machine_name_of
+from lsr.bench.measure.problem import synchronize
+from lsr.bench.measure.timing import CUDA_EVENTS, L2_FLUSH, PERF_COUNTER, l2_flush_bytes, time_pass
 
 # Widest first: the first one a CPU has names its vector ISA.
 VECTOR_ISAS = ("avx512f", "avx2", "avx", "sse4_2", "asimd", "neon")
@@ -62,10 +64,6 @@ def vector_isa() -> str:
     return next((isa for isa in VECTOR_ISAS if isa in flags), "unknown")
 
 
-# A CPU model's first word that names its family (the rest, the exact part, is recorded apart).
-_CPU_FAMILIES = ("epyc", "xeon", "ryzen", "core", "neoverse", "graviton")
-
-
 def machine_name() -> str:
     """A stable name for this kind of machine: CPU family, logical cores and vector ISA, e.g.
     "epyc-2c-avx2". Hosts of one kind that differ by ISA differ by about 2.5x in floor ratios, so
@@ -77,22 +75,6 @@ def machine_name() -> str:
         True
     """
     return machine_name_of(cpu_model(), psutil.cpu_count(logical=True), vector_isa())
-
-
-def machine_name_of(model: str, cpu_count: int | None, isa: str) -> str:
-    """`machine_name` of a machine described by its CPU model, logical CPU count and vector ISA (as
-    metadata.json records them): what results older than the machine column are tagged with.
-
-    Example:
-        >>> machine_name_of("AMD EPYC 7B13 64-Core Processor", 2, "avx2")
-        'epyc-2c-avx2'
-    """
-    model = model.lower()
-    family = next((name for name in _CPU_FAMILIES if name in model), None)
-    if family is None:
-        words = re.findall(r"[a-z0-9]+", model)
-        family = words[0] if words else "cpu"
-    return f"{family}-{cpu_count}c-{isa}"
 
 
 CACHE_LEVELS = ("L1d", "L2", "L3")

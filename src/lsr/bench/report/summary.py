@@ -1,8 +1,8 @@
 """What a run's rows say in words: the table `lsr-bench run` prints, and results/README.md.
 
-Rows are selected by `lsr.bench.selection`, as the charts' are, so the charts and the tables always
-show the same rows; every table goes through `lsr.bench.tables.format_table`. The "which one to
-ship" tables come from `lsr.bench.ship`.
+Rows are selected by `lsr.bench.report.selection`, as the charts' are, so the charts and the tables always
+show the same rows; every table goes through `lsr.bench.report.tables.format_table`. The "which one to
+ship" tables come from `lsr.bench.report.ship`.
 """
 
 from __future__ import annotations
@@ -10,30 +10,33 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from lsr.bench.results import FLOOR, FLOOR_ALLOC, RESULTS_FILE, atomic_write, floor_for, load
-from lsr.bench.selection import (
+from lsr.bench.data import FLOOR, FLOOR_ALLOC, RESULTS_FILE, atomic_write, floor_for, load
+from lsr.bench.report.selection import (
     CHARTS,
     FWD_BWD,
     VARIANT_AXES,
     MiB,
+    achieved_bandwidth,
     at_all_cores,
-    bandwidth,
     chart_file,
-    copy_bandwidth,
     dtypes,
     implementations,
     index_rows,
     is_floor,
     ok_rows,
     ratio,
+    recorded_copy_bandwidth,
     scaling_of,
     thread_scaling,
     variant_label,
     variants,
     varying_axes,
 )
-from lsr.bench.ship import ship_section
-from lsr.bench.tables import format_bandwidth, format_caches, format_table
+from lsr.bench.report.ship import ship_section
+from lsr.bench.report.tables import format_bandwidth, format_caches, format_table
+from lsr.registry import EAGER_BASELINE, PAPER_PAIR
+
+PAPER_BASELINE = PAPER_PAIR[1]  # the SparseLSR paper's dense baseline
 
 __all__ = ["CHARTS", "format_run_table", "summary_table", "write_summary"]
 
@@ -59,7 +62,7 @@ def _run_cells(r: dict, floor: dict | None, variant: list) -> list:
     """One row of `format_run_table`: the ratio to its floor and the bandwidth for measured
     forward+backward rows only."""
     ok = r["status"] == "ok"
-    achieved, fraction = bandwidth(r)
+    achieved, fraction = achieved_bandwidth(r)
     status = r["status"] + (" (busy)" if r.get("busy") else "")  # timed while others loaded the machine
     return [
         *(r[k] for k in ("implementation", "device", "dtype", "batch", "classes", "pass")),
@@ -152,8 +155,8 @@ SUMMARY_HEADERS = (
     "× its floor",
     "GB/s",
     "% of copy",
-    "speedup vs native",
-    "speedup vs dense",
+    f"speedup vs {EAGER_BASELINE}",
+    f"speedup vs {PAPER_BASELINE}",
     "peak (MiB)",
     "peak / gradient bytes",
 )
@@ -187,7 +190,7 @@ def _summary_cells(r: dict, of: dict[str, dict | None], metadata: dict) -> list[
     """One row of the summary table: r against its floor, native and dense (`of`: the rows at its size)."""
     floor = is_floor(r)
     peak = r["peak_bytes"]
-    achieved, fraction = bandwidth(r, metadata)
+    achieved, fraction = achieved_bandwidth(r, metadata)
     return [
         str(r["batch"]),
         str(r["classes"]),
@@ -197,8 +200,8 @@ def _summary_cells(r: dict, of: dict[str, dict | None], metadata: dict) -> list[
         "" if floor else ratio(r, of.get(floor_for(r["implementation"]))),
         f"{achieved / 1e9:.1f}" if achieved else "",
         f"{fraction:.0%}" if fraction is not None else "",
-        "" if floor else ratio(of.get("native"), r),
-        "" if floor else ratio(of.get("dense"), r),
+        "" if floor else ratio(of.get(EAGER_BASELINE), r),
+        "" if floor else ratio(of.get(PAPER_BASELINE), r),
         f"{peak / MiB:.1f}" if peak is not None else "",
         f"{peak / r['logits_bytes']:.2f}" if peak is not None else "",
     ]
@@ -206,7 +209,7 @@ def _summary_cells(r: dict, of: dict[str, dict | None], metadata: dict) -> list[
 
 def summary_table(rows: list[dict], dtype: str, metadata: dict | None = None) -> str:
     """Forward+backward at the representative sizes, at all cores: time, IQR, floor multiple,
-    bandwidth, speedups and memory, as a Markdown table (a row per implementation and size, the
+    achieved_bandwidth, speedups and memory, as a Markdown table (a row per implementation and size, the
     floors last at each); and where the run measured a size at 1 thread too, a parallel efficiency
     column (speedup over 1 thread / threads: compare it with the floors' own)."""
     scaling = thread_scaling(rows)
@@ -260,7 +263,7 @@ def _environment(metadata: dict) -> list[str]:
     the vector ISA, the cache sizes and the copy bandwidth; and how the times were read."""
     shown = metadata | {
         "cpu_caches": format_caches(metadata.get("cache_bytes"), levels=("L1d", "L2", "L3")) or None,
-        "copy_bandwidth": format_bandwidth(copy_bandwidth(metadata)) or None,
+        "copy_bandwidth": format_bandwidth(recorded_copy_bandwidth(metadata)) or None,
         "timing": describe_timing(metadata),
         "gpu_driver": (metadata.get("cuda") or {}).get("driver_version"),
     }

@@ -3,9 +3,9 @@
 `plot_run` writes the `CHARTS` for every dtype of a run, per variant (device, smoothing, ignore
 fraction, weighting) where it has several, and per machine where a merged run has several;
 `chart_folders` says where each run's charts go (several runs, or machines, side by side:
-`lsr.bench.side_by_side`). Rows come from `lsr.bench.results.load` and are
-selected by `lsr.bench.selection`, as the tables' are; colours, markers, fonts, titles, legends
-and resolution come from `lsr.bench.style`, so an implementation looks the same in every chart.
+`lsr.bench.report.side_by_side`). Rows come from `lsr.bench.data.load` and are
+selected by `lsr.bench.report.selection`, as the tables' are; colours, markers, fonts, titles, legends
+and resolution come from `lsr.bench.report.style`, so an implementation looks the same in every chart.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator, NullFormatter, NullLocator
 
-from lsr.bench import merge, selection, style
-from lsr.bench.results import FLOOR, FLOOR_ALLOC, FLOORS, PASSES, RESULTS_FILE, floor_for
-from lsr.bench.selection import (
+from lsr.bench.data import FLOOR, FLOOR_ALLOC, FLOORS, PASSES, RESULTS_FILE, floor_for, merge
+from lsr.bench.report import selection, style
+from lsr.bench.report.selection import (
     CHARTS,
     FWD_BWD,
     chart_file,
@@ -34,8 +34,9 @@ from lsr.bench.selection import (
     ok_rows,
     variants,
 )
-from lsr.bench.side_by_side import plot_side_by_side, shared_shapes
-from lsr.bench.tables import format_bandwidth, format_caches
+from lsr.bench.report.side_by_side import plot_side_by_side, shared_shapes
+from lsr.bench.report.tables import format_bandwidth, format_caches
+from lsr.registry import EAGER_BASELINE, PAPER_PAIR
 
 __all__ = ["CHARTS", "chart_folders", "plot_run"]
 
@@ -145,10 +146,12 @@ def _speedup_grid(
 
 
 def _speedup_pairs(rows: list[dict]) -> list[tuple[str, str]]:
-    """sparse vs dense, then every implementation vs native (those the run has)."""
+    """The paper's pair (SparseLSR vs its dense baseline), then every implementation vs eager native
+    (those the run has)."""
     names = implementations(rows)
-    pairs = [("sparse", "dense")] if {"sparse", "dense"} <= set(names) else []
-    return pairs + [(name, "native") for name in names if name != "native" and "native" in names]
+    pairs = [PAPER_PAIR] if set(PAPER_PAIR) <= set(names) else []
+    baseline = EAGER_BASELINE
+    return pairs + [(name, baseline) for name in names if name != baseline and baseline in names]
 
 
 def _speedup_heatmaps(rows: list[dict], metadata: dict, dtype: str, *, variant: str = "") -> Figure | None:
@@ -250,7 +253,7 @@ def _bandwidth(rows: list[dict], metadata: dict, dtype: str, *, variant: str = "
     ax = fig.subplots()
 
     def achieved(r: dict) -> float | None:  # GB/s
-        return selection.bandwidth(r)[0] / 1e9
+        return selection.achieved_bandwidth(r)[0] / 1e9
 
     for name in [*implementations(rows), *FLOORS]:
         points = _fwd_bwd_points(rows, name, dtype, achieved)
@@ -259,7 +262,7 @@ def _bandwidth(rows: list[dict], metadata: dict, dtype: str, *, variant: str = "
             ax.plot(*zip(*points, strict=True), **look, alpha=0.85)
     if not ax.lines:
         return None
-    copy = selection.copy_bandwidth(metadata)
+    copy = selection.recorded_copy_bandwidth(metadata)
     if copy:
         ax.axhline(
             copy / 1e9, color="black", linewidth=1.6, label=f"copy bandwidth, {format_bandwidth(copy)}"

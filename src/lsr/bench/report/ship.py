@@ -13,13 +13,13 @@ from __future__ import annotations
 from collections import defaultdict
 
 import lsr
-from lsr.bench.results import FLOOR, floor_for
-from lsr.bench.selection import FWD_BWD, MiB, at_all_cores, implementations, is_floor, ratio
-from lsr.bench.tables import format_table
+from lsr.bench.data import FLOOR, floor_for
+from lsr.bench.report.selection import FWD_BWD, MiB, at_all_cores, implementations, is_floor, ratio
+from lsr.bench.report.tables import format_table
+from lsr.registry import BASELINES  # what a user would otherwise call: the speedups' numerators
 
 __all__ = ["GROUPS", "format_ship_report", "format_ship_tables", "ship_rows", "ship_section", "ship_tables"]
 
-BASELINES = ("native", "native-compiled")  # what a user would otherwise call: the speedups' numerators
 # (smoothing kind, in place) -> the group's title
 GROUPS = {
     ("exact", False): "exact smoothing, out-of-place (a drop-in for F.cross_entropy)",

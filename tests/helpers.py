@@ -71,3 +71,34 @@ def run_pytest(*args: str, env: dict | None = None) -> subprocess.CompletedProce
     """pytest with `args` in a child process at the repository's root, output captured."""
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+# --- what the benchmark's tests share ----------------------------------------------------------------
+
+FAST = dict(min_time=0.001, progress=False)  # run_sweep's options for a quick sweep
+EAGER = ["native", "dense", "sparse"]
+PLAIN = ("float32", 0.1, 0.0, False)  # dtype, smoothing, ignore fraction, weighted of the plain sweep
+
+
+def eager_grid():
+    """A tiny grid of the eager implementations: N 8 and 32, C 10, float32, every pass."""
+    from lsr.bench.sweep.grid import Grid
+
+    return Grid(EAGER, ["cpu"], ["float32"], batches=[8, 32], classes=[10])
+
+
+def wrong_smoothing(input, target, smoothing, reduction="mean", ignore_index=-100):
+    """native with the smoothing off by 0.05: what the gate must reject."""
+    import lsr
+
+    return lsr.native_label_smoothing(input, target, min(1.0, smoothing + 0.05), reduction, ignore_index)
+
+
+def small_sweep() -> list:
+    """The floor (forward+backward), native and sparse (forward) at N 4, C 3: the smallest sweep."""
+    from lsr.bench.data import FLOOR, Case
+
+    def case(name: str, pass_: str = "forward") -> Case:
+        return Case(name, "cpu", "float32", 4, 3, 0.1, pass_)
+
+    return [case(FLOOR, "forward+backward"), case("native"), case("sparse")]

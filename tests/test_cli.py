@@ -1,7 +1,9 @@
-"""`lsr-bench` as a user meets it: refusals before measuring, Ctrl-C, --out, metadata, compare, help."""
+"""The cli layer, `lsr-bench` as a user meets it: refusals before measuring, Ctrl-C, --out, metadata,
+compare, help, and a run plotted and compared end to end."""
 
 import argparse
 import functools
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,8 +14,10 @@ from pathlib import Path
 import pytest
 
 import lsr
+from helpers import EAGER, PLAIN
 from lsr.bench import cli
 from lsr.bench.cli import commands
+from lsr.bench.cli import main as cli_main
 from lsr.bench.data import (
     FLOOR,
     FLOOR_ALLOC,
@@ -23,10 +27,12 @@ from lsr.bench.data import (
     Case,
     new_row,
     read_metadata,
+    read_rows,
     write_metadata,
     write_rows,
 )
 from lsr.bench.report import plot, style
+from lsr.bench.report.summary import CHARTS
 from lsr.bench.sweep import grid as grids
 from lsr.bench.sweep import runner
 from lsr.bench.sweep.grid import PRESETS, Grid
@@ -331,3 +337,45 @@ def test_a_launch_without_torchruns_variables_is_refused_in_one_line(tmp_path, c
         err
         == "lsr-bench: WORLD_SIZE is 2 but RANK, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT not set: launch with torchrun\n"
     )
+
+
+def test_cli_refuses_an_implementation_that_cannot_run(tmp_path, capsys):
+    argv = ["run", "--impl", "sparse", "--classes", "1", "--batch", "4", "--out", str(tmp_path)]
+    assert cli_main(argv) == 2
+    assert capsys.readouterr().err == "lsr-bench: sparse needs at least 2 classes, got --classes 1\n"
+
+
+def test_cli_run_plot_compare_end_to_end(tmp_path, capsys):
+    out = tmp_path / "results"
+    args = ["run", "--impl", *EAGER, "--device", "cpu", "--batch", "16", "64", "--classes", "10", "100"]
+    args += ["--dtype", "float32", "--smoothing", "0.1", "--ignore-fraction", "0", "--weighted", "off"]
+    args += ["--out", str(out), "--min-time", "0.001", "--no-progress", "--threads", "1", "2"]
+    assert cli_main(args) == 0
+    rows = read_rows(out / "cpu")
+    assert all(r["status"] == "ok" for r in rows)
+    assert {(r["dtype"], r["smoothing"], r["ignore_fraction"], r["weighted"]) for r in rows} == {PLAIN}
+    # threads x sizes x (the two floors + implementations x passes)
+    assert len(rows) == 2 * 4 * (2 + 3 * 3) and {r["threads"] for r in rows} == {1, 2}
+    assert read_metadata(out / "cpu")["thread_counts"] == [1, 2]
+    for chart in CHARTS:  # a chart per dtype and case variant (smoothing, padding, weights)
+        pngs = list((out / "cpu").glob(f"{chart}_float32*.png"))
+        assert pngs and all(p.stat().st_size > 10_000 and p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+    summary = (out / "README.md").read_text()
+    assert "| 64 | 100 | sparse |" in summary and "![speedup float32" in summary
+    assert "(cpu/speedup_float32" in summary and "(cpu/thread_scaling_float32" in summary
+    efficiency = summary.split("parallel efficiency")[1].split("\n")[2]  # the first size's first row
+    assert float(efficiency.rstrip(" |").split("|")[-1]) > 0
+    printed = capsys.readouterr().out
+    assert "x floor" in printed and "threads" in printed.splitlines()[1]
+
+    shutil.copytree(out / "cpu", tmp_path / "other")
+    assert cli_main(["plot", str(out / "cpu"), str(tmp_path / "other"), "--out", str(tmp_path / "side")]) == 0
+    assert (tmp_path / "side" / "side_by_side.png").exists()
+    assert cli_main(["compare", str(out / "cpu"), str(tmp_path / "other")]) == 0
+    assert "cases compared" in capsys.readouterr().out
+
+
+def test_cli_reports_a_malformed_file_clearly(tmp_path, capsys):
+    (tmp_path / "results.csv").write_text("not,a,results,file\n")
+    assert cli_main(["plot", str(tmp_path / "results.csv")]) == 2
+    assert "not a results file" in capsys.readouterr().err

@@ -1,8 +1,11 @@
-"""The asv history: the chart read from asv's result files, the suite's fixed parameters, the machine."""
+"""The asv history: the chart read from asv's result files, the suite's fixed parameters, the machine,
+and `asv check` on the suite."""
 
 import importlib.util
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -147,3 +150,13 @@ def test_pytest_benchmark_runs_say_their_threads(tmp_path, machine_info, extra_i
     assert rows[0]["threads"] == 3 and rows[0]["median_s"] == 1.5e-3
     assert "AMD EPYC · torch 2.13.0 · 3 threads" in style.title("time", metadata)
     assert metadata.get("load_average_1min") == (run or {}).get("load_average_1min")
+
+
+def test_asv_check():
+    if shutil.which("asv") is None:
+        pytest.skip("asv is not installed (extra: benchmarking)")
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        ["asv", "check", "--python=same"], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and "No problems found" in result.stdout, result.stdout + result.stderr

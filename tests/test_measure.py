@@ -1,24 +1,35 @@
-"""The field in one harness: two floors, bandwidth, first calls, machine facts, padding and class weights."""
+"""The measure layer: the inputs and the timed pass (two floors, padding and class weights, per-call
+preparation), timing (first calls, CUDA events on CPU), the memory meters and estimates, the
+correctness gate, and the machine's facts."""
 
 import dataclasses
 import gc
+import statistics
 import time
 
 import pytest
 import torch
 
 import lsr
+from helpers import FAST, eager_grid, wrong_smoothing
 from lsr.bench import data as results
 from lsr.bench import measure
-from lsr.bench.data import FLOOR, FLOOR_ALLOC, FLOORS, IGNORE_INDEX, Case, floor_for
+from lsr.bench.data import (
+    FLOOR,
+    FLOOR_ALLOC,
+    FLOORS,
+    IGNORE_INDEX,
+    Case,
+)
 from lsr.bench.measure import machine as environment
 from lsr.bench.measure import timing as timing_module
 from lsr.bench.measure.gate import GateFailure, check_against_reference, mean_denominator
 from lsr.bench.sweep import grid
 from lsr.bench.sweep.grid import Grid, cases_of
-from lsr.bench.sweep.runner import run_sweep
+from lsr.bench.sweep.runner import (
+    run_sweep,
+)
 
-FAST = dict(min_time=0.001, progress=False)
 PADDED = dict(ignore_fraction=0.3, weighted=True)  # a padding-heavy batch with class weights
 
 
@@ -70,16 +81,6 @@ def test_floor_writes_one_buffer_and_floor_alloc_a_new_tensor_every_call():
     assert first.data_ptr() != second.data_ptr() and torch.equal(first, torch.exp(problem.logits.detach()))
     assert measure.peak_bytes(fresh, torch.device("cpu")) == 8 * 5 * 4  # the new tensor, counted
     assert measure.peak_bytes(kept, torch.device("cpu")) == 0
-
-
-def test_floor_for_names_an_implementations_floor():
-    assert floor_for("fused-exact-inplace") == FLOOR and floor_for("native") == FLOOR_ALLOC
-    assert floor_for(lsr.get("fused-exact-inplace")) == FLOOR and floor_for(lsr.get("dense")) == FLOOR_ALLOC
-    assert [floor_for(name) for name in FLOORS] == list(FLOORS)
-    assert floor_for("not-registered") == FLOOR_ALLOC
-    for impl in lsr.REGISTRY.values():
-        writes_logits = impl.inplace_backward or impl.gradient_in_forward
-        assert floor_for(impl.name) == (FLOOR if writes_logits else FLOOR_ALLOC)
 
 
 # --- B, C. bandwidth and first calls ------------------------------------------------------------------
@@ -511,3 +512,76 @@ def test_gpu_presets_cover_both_regimes_and_cpu_presets_are_unchanged():
     assert {(c.batch, c.classes) for c in cpu_full if c.dtype == "float32"} == {
         (n, c) for n in (256, 1024, 4096) for c in (100, 1000, 10000, 32768)
     }
+
+
+def test_cpu_meter_measures_a_known_allocation_exactly():
+    assert measure.cpu_peak_bytes(lambda: torch.empty(1000, 1000)) == 4_000_000
+    assert measure.cpu_peak_bytes(lambda: torch.empty(3, 5, dtype=torch.float64)) == 120
+
+
+def test_cpu_meter_takes_the_peak_not_the_end():
+    def two_temporaries():
+        a = torch.empty(250_000)  # 1 MB
+        b = torch.empty(500_000)  # 2 MB, both alive: 3 MB
+        del a, b
+        return torch.empty(100_000)  # 0.4 MB at the end
+
+    assert measure.cpu_peak_bytes(two_temporaries) == 3_000_000
+
+
+def test_cpu_meter_ignores_what_existed_before():
+    before = torch.empty(1_000_000)
+
+    def free_then_allocate():
+        nonlocal before
+        before = None  # frees 4 MB allocated before the pass
+        return torch.empty(10)
+
+    assert measure.cpu_peak_bytes(free_then_allocate) == 40
+
+
+def test_native_forward_backward_peak_is_three_logits():
+    """log_softmax saved for backward, its gradient, the input's gradient: 3 x 4 MB at 1000 x 1000 float32."""
+    case = Case("native", "cpu", "float32", 1000, 1000, 0.1, "forward+backward")
+    timed = measure.TimedPass(case, measure.Problem.make(case), lsr.get("native"))
+    peak = measure.peak_bytes(timed, torch.device("cpu"))
+    assert 12_000_000 <= peak <= 12_100_000
+
+
+def test_measurement_keeps_samples_and_flags_a_wide_spread():
+    steady = measure.time_pass(lambda: sum(range(1000)), min_time=0.01, min_samples=5)
+    assert len(steady.samples) >= 5 and steady.runs == len(steady.samples) * steady.runs_per_sample
+    assert steady.median == statistics.median(steady.samples) and steady.threads == torch.get_num_threads()
+    noisy = measure.Measurement((1.0, 1.0, 2.0, 3.0, 3.0), runs_per_sample=1, threads=1)
+    assert noisy.median == 2.0 and noisy.iqr == 2.0 and "IQR 100%" in noisy.warning
+
+
+def test_gate_rejects_a_wrong_implementation(tmp_path):
+    rows = run_sweep(eager_grid().cases(), tmp_path, loss_fns={"dense": wrong_smoothing}, **FAST)
+    dense = [r for r in rows if r["implementation"] == "dense"]
+    assert dense and all(r["status"] == "failed" for r in dense)
+    assert all(r["median_s"] is None for r in dense)  # a wrong answer is never timed
+    assert "float64 reference" in dense[0]["message"]
+    assert all(r["status"] == "ok" for r in rows if r["implementation"] != "dense")
+
+
+def test_gate_checks_the_timed_mean_reduction(tmp_path):
+    def wrong_mean(input, target, smoothing, reduction="mean", ignore_index=-100):
+        loss = lsr.native_label_smoothing(input, target, smoothing, reduction, ignore_index)
+        return loss * 1.01 if reduction == "mean" else loss
+
+    rows = run_sweep(eager_grid().cases(), tmp_path, loss_fns={"sparse": wrong_mean}, **FAST)
+    assert {r["status"] for r in rows if r["implementation"] == "sparse"} == {"failed"}
+
+
+@pytest.mark.filterwarnings("error:Converting a tensor with requires_grad")
+def test_the_gate_reads_no_value_that_requires_grad(impl):
+    """An in-place loss returns its logits as the gradient: the gate must detach it before reading."""
+    case = Case(impl.name, "cpu", "float32", 16, 10, 0.1, "forward+backward")
+    assert measure.check_against_reference(case, measure.Problem.make(case), impl) < 1e-4
+
+
+def test_a_registered_implementation_has_a_memory_factor():
+    """Each states its own (the default, 4, assumes the dense baseline's appetite)."""
+    factors = {impl.peak_factor for impl in lsr.REGISTRY.values()}
+    assert all(1.0 <= f <= 4.0 for f in factors) and len(factors) > 2

@@ -1,4 +1,5 @@
-"""What a run's rows say: the ship table, floors of the right kind, bandwidth, subtitles, variants.
+"""The report layer, what a run's rows say: the ship table, floors of the right kind, bandwidth,
+subtitles, variants, threads, and compare.
 
 Rows are made by hand (nothing is measured), so each test states the numbers it checks.
 """
@@ -6,11 +7,23 @@ Rows are made by hand (nothing is measured), so each test states the numbers it 
 import pytest
 
 import lsr
+from helpers import FAST, small_sweep
 from lsr.bench import data as results
-from lsr.bench.data import FLOOR, FLOOR_ALLOC, FLOORS, Case, new_row
+from lsr.bench.data import (
+    FLOOR,
+    FLOOR_ALLOC,
+    FLOORS,
+    Case,
+    new_row,
+)
 from lsr.bench.report import plot, ship, style
 from lsr.bench.report import summary as report
+from lsr.bench.report.compare import compare, format_comparison
 from lsr.bench.report.selection import achieved_bandwidth, variants
+from lsr.bench.sweep.grid import Grid
+from lsr.bench.sweep.runner import (
+    run_sweep,
+)
 
 FWD_BWD = "forward+backward"
 METADATA = {
@@ -265,3 +278,22 @@ def test_the_run_table_names_the_variant_where_there_are_several():
     assert lines[0].split()[6] == "variant"
     assert "ignore 0, weighted" in lines[-2] and "ignore 0.3, unweighted" in lines[-4]
     assert "variant" not in report.format_run_table(at_size(native=3.0)).splitlines()[0]
+
+
+def test_compare_flags_changes_beyond_noise(tmp_path):
+    measured = run_sweep(
+        Grid(["native"], ["cpu"], ["float32"], [4], [3], passes=["forward"]).cases(), tmp_path, **FAST
+    )
+    old = [r | {"iqr_s": 0.0} for r in measured]  # a noiseless baseline: the verdict is about the ratio
+    same = [r | {"median_s": r["median_s"] * 1.01} for r in old]
+    slower = [r | {"median_s": r["median_s"] * 3, "iqr_s": 0.0} for r in old]
+    assert not any(e["verdict"] for e in compare(old, same))
+    assert all(e["verdict"] == "slower" for e in compare(old, slower))
+
+
+def test_compare_ignores_or_marks_busy_rows(tmp_path):
+    old = run_sweep(small_sweep()[:2], tmp_path, **FAST)
+    new = [old[0] | {"busy": True}, old[1] | {"busy": False}]
+    assert [e["busy"] for e in compare(old, new)] == [True, False]
+    assert [e["case"] for e in compare(old, new, ignore_busy=True)] == [Case.of_row(old[1])]
+    assert "1 were timed on a busy machine" in format_comparison(compare(old, new))

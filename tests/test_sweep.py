@@ -1,12 +1,11 @@
-"""The sweep's guarantees: one writer, resume that loses nothing and mixes nothing, memory failures
-recorded (in child processes too), interruption, durable results files, busy-machine rows."""
+"""The sweep layer: the runner's guarantees (one writer, resume that loses nothing and mixes nothing,
+memory failures recorded, in child processes too, interruption, busy-machine rows), failures
+recorded and the sweep going on, and the grid's eligibility."""
 
-import json
 import math
 import os
 import re
 import signal
-import stat
 import subprocess
 import sys
 import textwrap
@@ -18,20 +17,16 @@ import pytest
 import torch
 
 import lsr
+from helpers import FAST, eager_grid, small_sweep, wrong_smoothing
 from lsr.bench import data as results
 from lsr.bench.data import (
     FLOOR,
-    SCHEMA_VERSION,
-    STATUSES,
+    FLOOR_ALLOC,
     Case,
-    SchemaError,
     busy_rows,
-    read_metadata,
     read_rows,
-    write_metadata,
-    write_rows,
 )
-from lsr.bench.report.compare import compare, format_comparison
+from lsr.bench.sweep.grid import Grid
 from lsr.bench.sweep.runner import (
     LOCK_FILE,
     BusyMachineWarning,
@@ -41,7 +36,6 @@ from lsr.bench.sweep.runner import (
     run_sweep,
 )
 
-FAST = dict(min_time=0.001, progress=False)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -49,8 +43,8 @@ def case(implementation: str, pass_: str = "forward", batch: int = 4, classes: i
     return Case(implementation, "cpu", "float32", batch, classes, 0.1, pass_)
 
 
-FLOOR_CASE = case(FLOOR, "forward+backward")
-SMALL = [FLOOR_CASE, case("native"), case("sparse")]
+SMALL = small_sweep()  # the floor, native and sparse at N 4, C 3
+FLOOR_CASE = SMALL[0]
 
 
 # Losses for the isolated children: module-level, so that the child can import them.
@@ -244,95 +238,6 @@ def test_interruption_says_how_far_the_sweep_got(tmp_path):
 # --- 14. results files --------------------------------------------------------------------------------------
 
 
-def test_results_files_honour_the_umask_and_are_synced_before_the_rename(tmp_path, monkeypatch):
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(
-        os, "fsync", lambda fd: events.append(("fsync", stat.S_ISDIR(os.fstat(fd).st_mode))) or real_fsync(fd)
-    )
-    monkeypatch.setattr(os, "replace", lambda *a: events.append(("replace",)) or real_replace(*a))
-    old_umask = os.umask(0o027)
-    try:
-        write_rows(tmp_path / "results.csv", [])
-        write_metadata(tmp_path / "metadata.json", {})
-    finally:
-        os.umask(old_umask)
-    for name in ("results.csv", "metadata.json"):
-        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640
-    assert events == [("fsync", False), ("replace",), ("fsync", True)] * 2
-
-
-def test_duplicate_rows_are_refused_naming_both_lines(tmp_path):
-    rows = run_sweep(SMALL[:2], tmp_path, **FAST)
-    write_rows(tmp_path / "results.csv", [rows[0], rows[1], rows[0]])
-    with pytest.raises(SchemaError, match="lines 2 and 4 measure the same case"):
-        read_rows(tmp_path)
-
-
-def test_schema_version_is_recorded_and_older_files_still_read(tmp_path):
-    # The first rows of the CPU sweep committed at aa4a784, written before schema versions existed.
-    committed = read_rows(ROOT / "tests" / "data" / "results_schema1.csv")
-    assert committed and all(r["schema_version"] == 1 for r in committed)
-    assert all(r["min_time"] is None and r["busy"] is None for r in committed)
-    assert all(r["ignore_fraction"] == 0.0 and r["weighted"] is False for r in committed)  # since 3
-    assert all(r["first_call_s"] is None and r["bandwidth_fraction"] is None for r in committed)
-    assert {Case.of_row(r).key() for r in committed} == {results.case_key(r) for r in committed}
-
-    rows = run_sweep(SMALL[:1], tmp_path, grid={"batches": [4]}, **FAST)
-    header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
-    assert "schema_version" in header and rows[0]["schema_version"] == SCHEMA_VERSION
-    metadata = json.loads((tmp_path / "metadata.json").read_text())
-    assert metadata["schema_version"] == SCHEMA_VERSION and metadata["grid"] == {"batches": [4]}
-    assert read_metadata(tmp_path)["settings"]["min_time"] == 0.001
-
-    write_rows(tmp_path / "results.csv", rows)
-    text = (tmp_path / "results.csv").read_text()
-    (tmp_path / "results.csv").write_text(text.replace(f",{SCHEMA_VERSION}\n", f",{SCHEMA_VERSION + 1}\n"))
-    with pytest.raises(SchemaError, match="schema version"):
-        read_rows(tmp_path)
-
-
-def test_schema_2_files_read_the_case_axes_of_schema_3_as_their_defaults_and_resume(tmp_path):
-    rows = run_sweep(SMALL[:2], tmp_path, **FAST)
-    since_3 = ("ignore_fraction", "weighted", "first_call_s", "bandwidth_bytes_per_s", "bandwidth_fraction")
-    assert all(column in results.ADDED_LATER for column in since_3)
-    columns = [c for c in results.COLUMN_TYPES if c not in since_3]
-    lines = [",".join(columns)] + [
-        ",".join("2" if c == "schema_version" else "" if r[c] is None else str(r[c]) for c in columns)
-        for r in rows
-    ]
-    (tmp_path / "results.csv").write_text("\n".join(lines) + "\n")
-    old = read_rows(tmp_path)
-    assert [r["schema_version"] for r in old] == [2, 2]
-    assert all(
-        r["ignore_fraction"] == 0.0 and r["weighted"] is False and r["first_call_s"] is None for r in old
-    )
-    assert (
-        run_sweep(SMALL[:2], tmp_path, resume=True, **FAST) == old
-    )  # the same cases: nothing measured again
-
-
-def test_every_status_and_column_is_documented():
-    assert set(STATUSES) == {
-        "ok",
-        "failed",
-        "error",
-        "oom",
-        "crashed",
-        "skipped",
-        "unsupported",
-        "not-available",
-    }
-    from lsr.bench.data import schema
-
-    for status in STATUSES:
-        assert f"| {status} |" in schema.__doc__
-    for floor in results.FLOORS:
-        assert f"| {floor} |" in schema.__doc__
-    for column in results.COLUMNS:  # the table is made from the declaration: each with its type
-        assert f"| {column.name} | {column.type.__name__} |" in schema.__doc__
-
-
 # --- 15. busy machine -----------------------------------------------------------------------------------------
 
 
@@ -353,15 +258,73 @@ def test_rows_timed_on_a_busy_machine_are_marked_and_warned_about(tmp_path):
     assert busy_rows(rows) == rows == read_rows(tmp_path)
 
 
-def test_compare_ignores_or_marks_busy_rows(tmp_path):
-    old = run_sweep(SMALL[:2], tmp_path, **FAST)
-    new = [old[0] | {"busy": True}, old[1] | {"busy": False}]
-    assert [e["busy"] for e in compare(old, new)] == [True, False]
-    assert [e["case"] for e in compare(old, new, ignore_busy=True)] == [Case.of_row(old[1])]
-    assert "1 were timed on a busy machine" in format_comparison(compare(old, new))
+def test_resume_measures_failed_rows_again_and_refuses_other_settings(tmp_path):
+    cases = list(Grid(["native"], ["cpu"], ["float32"], [4], [3], passes=["forward"]).cases())
+    first = run_sweep(cases, tmp_path, loss_fns={"native": wrong_smoothing}, **FAST)
+    assert [r["implementation"] for r in first] == [FLOOR, FLOOR_ALLOC, "native"]
+    assert [r["status"] for r in first] == ["ok", "ok", "failed"]
+    again = run_sweep(cases, tmp_path, resume=True, **FAST)
+    assert [r["status"] for r in again] == ["ok", "ok", "ok"] and again[:2] == first[:2]
+    with pytest.raises(ValueError, match="cannot resume"):
+        run_sweep(cases, tmp_path, resume=True, logit_std=5.0, **FAST)
 
 
-def test_a_registered_implementation_has_a_memory_factor():
-    """Each states its own (the default, 4, assumes the dense baseline's appetite)."""
-    factors = {impl.peak_factor for impl in lsr.REGISTRY.values()}
-    assert all(1.0 <= f <= 4.0 for f in factors) and len(factors) > 2
+def test_out_of_memory_is_recorded_and_the_sweep_goes_on(tmp_path):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    rows = run_sweep(eager_grid().cases(), tmp_path, loss_fns={"native": out_of_memory}, **FAST)
+    assert len(rows) == len(list(eager_grid().cases()))
+    native = [r for r in rows if r["implementation"] == "native"]
+    assert all(r["status"] == "oom" and "Tried to allocate" in r["message"] for r in native)
+    assert all(r["status"] == "ok" for r in rows if r["implementation"] != "native")
+    assert read_rows(tmp_path) == rows  # what is on disk is what was returned
+
+
+def test_other_errors_are_recorded(tmp_path):
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel launch failed")
+
+    rows = run_sweep(eager_grid().cases(), tmp_path, loss_fns={"sparse": broken}, **FAST)
+    assert {r["status"] for r in rows if r["implementation"] == "sparse"} == {"error"}
+
+
+def test_interrupted_sweep_keeps_rows_and_resume_skips_them(tmp_path):
+    cases = list(eager_grid().cases())
+    calls = {"n": 0}
+
+    def interrupt_on_second_size(input, target, *args, **kwargs):
+        if input.shape[0] == 32:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return lsr.native_label_smoothing(input, target, *args, **kwargs)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(cases, tmp_path, loss_fns={"native": interrupt_on_second_size}, **FAST)
+    kept = read_rows(tmp_path)
+    assert 0 < len(kept) < len(cases)
+    assert {r["batch"] for r in kept if r["implementation"] == "native"} == {8}
+
+    calls["n"] = 0
+    rows = run_sweep(cases, tmp_path, resume=True, loss_fns={"native": wrong_smoothing}, **FAST)
+    assert len(rows) == len(cases)
+    assert rows[: len(kept)] == kept  # measured once, kept as they were
+    assert {(r["implementation"], r["pass"], r["batch"]) for r in rows} == {
+        (c.implementation, c.pass_, c.batch) for c in cases
+    }
+
+
+def test_in_place_implementations_are_gated_and_timed(tmp_path):
+    """They overwrite their logits: the sweep gives them logits of their own, a non-leaf as in training."""
+    grid = Grid(["fused-exact-inplace", "native"], ["cpu"], ["float32"], batches=[8], classes=[10])
+    rows = run_sweep(grid.cases(), tmp_path, **FAST)
+    inplace = [r for r in rows if r["implementation"] == "fused-exact-inplace"]
+    assert [r["pass"] for r in inplace] == ["forward", "forward+backward"]  # no backward-only pass
+    assert all(r["status"] == "ok" for r in rows), [r["message"] for r in rows]
+
+
+def test_floor_rows_and_grid_skip_what_cannot_run():
+    grid = Grid(["sparse", "native"], ["cpu"], ["float32"], batches=[4], classes=[1, 5])
+    cases = list(grid.cases())
+    assert [c for c in cases if c.implementation == FLOOR and c.classes == 1]
+    assert not [c for c in cases if c.implementation == "sparse" and c.classes == 1]

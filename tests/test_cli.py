@@ -379,3 +379,33 @@ def test_cli_reports_a_malformed_file_clearly(tmp_path, capsys):
     (tmp_path / "results.csv").write_text("not,a,results,file\n")
     assert cli_main(["plot", str(tmp_path / "results.csv")]) == 2
     assert "not a results file" in capsys.readouterr().err
+
+
+def test_a_run_never_replaces_results_it_did_not_measure(tmp_path, capsys):
+    """Rows of another machine (or commit, or grid) in OUT: refused in one line naming them, unless
+    --overwrite (which says what it replaced and drops the old charts) or --resume (which keeps them)."""
+    folder = fake_run(tmp_path / "cpu", {(64, 100): 1e-3})
+    same_settings = [row | {"min_time": 0.001, "logit_std": 2.0} for row in read_rows(folder)]
+    write_rows(folder / RESULTS_FILE, same_settings)  # so that --resume may keep them
+    write_metadata(
+        folder / METADATA_FILE, {"device": "cpu", "machine": "epyc-2c-avx2", "git_commit": "abc123"}
+    )
+    (folder / "old_chart.png").write_bytes(b"\x89PNG")
+    code, _, err = run_cli(["run", *TINY, "--no-progress", "--out", str(tmp_path)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "holds 3 rows measured on epyc-2c-avx2 at commit abc123" in err and "--overwrite" in err
+    assert len(read_rows(folder)) == 3  # untouched
+
+    code, _, err = run_cli(["run", *TINY, "--no-progress", "--resume", "--out", str(tmp_path)], capsys)
+    assert code == 0 and len(read_rows(folder)) == 3 + 5  # kept, and this grid's cases added
+
+    folder = fake_run(tmp_path / "again" / "cpu", {(64, 100): 1e-3})
+    (folder / "old_chart.png").write_bytes(b"\x89PNG")
+    argv = ["run", *TINY, "--no-progress", "--overwrite", "--out", str(tmp_path / "again")]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0 and "--overwrite: replacing what" in err and not (folder / "old_chart.png").exists()
+    assert {r["batch"] for r in read_rows(folder)} == {4}
+
+    # the same machine, commit and grid: a rerun replaces its own rows without being asked
+    code, _, _ = run_cli(["run", *TINY, "--no-progress", "--out", str(tmp_path / "again")], capsys)
+    assert code == 0

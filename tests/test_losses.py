@@ -324,3 +324,16 @@ def test_sparse_at_smoothing_one_is_finite_and_well_defined():
     out = lsr.sparse_label_smoothing(logits, target, 1.0, "none")
     assert torch.isfinite(out).all()
     assert math.isclose(out.sum().item(), sparse_reference(logits, target, 1.0, "sum").item(), rel_tol=1e-5)
+
+
+def test_a_masked_target_at_smoothing_1_gives_what_f_cross_entropy_gives(impl):
+    """z = [0, -inf, 1], y = 1, smoothing 1: F.cross_entropy computes (1 - eps) nll + eps smooth, and
+    0 * inf is NaN; every exact implementation returns that NaN (the definition's value is +inf).
+    SparseLSR keeps equation 15's value: its target coefficient is 1/C, not 0, so +inf."""
+    z = torch.tensor([[0.0, float("-inf"), 1.0]], dtype=torch.float64)
+    y = torch.tensor([1])
+    loss = impl.loss(z.clone() * 1, y, 1.0).item()
+    if impl.smoothing_kind == "exact":
+        assert math.isnan(F.cross_entropy(z, y, label_smoothing=1.0).item()) and math.isnan(loss)
+    else:
+        assert loss == lsr.sparse_reference(z, y, 1.0).item() == float("inf")

@@ -59,11 +59,15 @@ def dense_label_smoothing(
     q.scatter_(1, rows.safe_target.unsqueeze(1), 1 - smoothing + smoothing / C)
     if smoothing == 0:  # q_j = 0 off the target: a masked class (log p_j = -inf) must add 0, not 0 * -inf
         log_p = log_p.masked_fill(q == 0, 0.0)
-    if weight is None:
-        return reduce_rows(-(q * log_p).sum(dim=1), rows, reduction, input.dtype)
-    weight = weight.to(log_p.dtype)
-    row_loss = -(weight * q * log_p).sum(dim=1)
-    return reduce_rows(row_loss, rows, reduction, input.dtype, row_weight=weight[rows.safe_target])
+    weight = None if weight is None else weight.to(log_p.dtype)
+    row_loss = -((q if weight is None else weight * q) * log_p).sum(dim=1)
+    if smoothing == 1:
+        # F.cross_entropy computes (1 - eps) nll + eps smooth: at eps = 1 a masked target (log p_y =
+        # -inf) gives 0 * inf = NaN there, where q_y = 1/C here gives inf; follow it
+        log_p_y = log_p.gather(1, rows.safe_target.unsqueeze(1)).squeeze(1)
+        row_loss = torch.where(log_p_y == float("-inf"), float("nan"), row_loss)
+    row_weight = None if weight is None else weight[rows.safe_target]
+    return reduce_rows(row_loss, rows, reduction, input.dtype, row_weight=row_weight)
 
 
 class LSRLoss(LabelSmoothingLoss):

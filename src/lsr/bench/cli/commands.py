@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import warnings
@@ -13,7 +14,17 @@ from pathlib import Path
 
 from lsr.bench import measure
 from lsr.bench.cli.arguments import SWITCH, Plan, UsageError, check_writable, plans
-from lsr.bench.data import RESULTS_FILE, Case, SchemaError, busy_rows, case_key, load, merge, read_rows
+from lsr.bench.data import (
+    RESULTS_FILE,
+    Case,
+    SchemaError,
+    busy_rows,
+    case_key,
+    load,
+    merge,
+    read_metadata,
+    read_rows,
+)
 from lsr.bench.report.compare import compare, format_comparison
 from lsr.bench.report.plot import chart_folders, plot_run
 from lsr.bench.report.ship import format_ship_report
@@ -131,6 +142,38 @@ def cmd_run(args) -> int:
             shard.stop()
 
 
+def _refuse_replacing(out_dir: Path, plan: Plan, args, lead: bool) -> None:
+    """A sweep never replaces results it did not measure: a folder holding rows measured on another
+    machine, at another commit or with another grid is refused, unless --overwrite (which then says
+    what it replaces, and removes the old charts) or --resume (which keeps every row)."""
+    if args.resume or args.resume_mixed or not (out_dir / RESULTS_FILE).exists():
+        return
+    try:
+        count = len(read_rows(out_dir))
+    except (SchemaError, OSError) as e:
+        count, problem = None, f" (unreadable: {e})"
+    else:
+        problem = ""
+    if count == 0:
+        return
+    theirs = read_metadata(out_dir)
+    here = {"machine": measure.machine_name(), "git_commit": measure.git_commit(), "grid": plan.grid_record()}
+    differ = [key for key, value in here.items() if json.loads(json.dumps(value)) != theirs.get(key)]
+    if not differ and not problem:
+        return
+    what = (
+        f"{out_dir} holds {count if count is not None else 'some'} rows{problem} measured on "
+        f"{theirs.get('machine') or '?'} at commit {str(theirs.get('git_commit') or '?')[:12]} "
+        f"({', '.join(differ) or 'unreadable'} not this run's)"
+    )
+    if not args.overwrite:
+        raise UsageError(f"{what}: --overwrite to replace them, --resume to keep them, or another --out")
+    if lead:
+        print(f"lsr-bench: --overwrite: replacing what {what}", file=sys.stderr)
+        for chart in out_dir.glob("*.png"):
+            chart.unlink()
+
+
 def _run(args, shard: Shard | None) -> int:
     args.out = Path(args.out or ("results" if args.preset == "full" else "results/quick"))
     if shard is not None and not args.device:
@@ -140,6 +183,7 @@ def _run(args, shard: Shard | None) -> int:
         shard.require_same([(p.device, [c.key() for c in p.cases]) for p in planned], "the devices and cases")
     for plan in planned:
         check_writable(args.out / plan.device, "--out")
+        _refuse_replacing(args.out / plan.device, plan, args, lead=shard is None or shard.rank == 0)
     measure.L2_FLUSH["cuda"] = SWITCH[args.l2_flush]
     os.environ[measure.L2_FLUSH_VARIABLE] = args.l2_flush  # for --isolate's child processes
     lead = shard is None or shard.rank == 0  # the one that speaks

@@ -75,6 +75,12 @@ def _run_parser(sub) -> None:
         help="keep the rows in OUT and measure only this grid's cases not yet measured ok",
     )
     run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results in OUT even where they were measured on another machine, at another "
+        "commit or with another grid (refused otherwise, naming what is there)",
+    )
+    run.add_argument(
         "--resume-mixed",
         action="store_true",
         help="--resume even where kept rows were measured with other settings (--min-time, "

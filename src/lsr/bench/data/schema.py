@@ -59,7 +59,7 @@ FLOOR_PEAK_FACTOR = 1.0  # what a floor allocates beyond its inputs, in logits (
 KINDS = (*SMOOTHING_KINDS, FLOOR)
 IGNORE_INDEX = -100  # the target value of an ignored row (F.cross_entropy's default)
 RESULTS_FILE, METADATA_FILE = "results.csv", "metadata.json"
-SCHEMA_VERSION = 5  # of results.csv and metadata.json; raise it with every column or status added
+SCHEMA_VERSION = 6  # of results.csv and metadata.json; raise it with every column or status added
 # Other processes using more than this fraction of the machine's CPU time during a case make it busy.
 BUSY_LOAD = 0.10
 
@@ -212,6 +212,15 @@ COLUMNS = (
         "merged results from several machines are told apart by it",
         optional=True,
         since=4,
+        before="",
+    ),
+    Column(
+        "git_commit",
+        str,
+        'the checkout\'s commit the row was measured at ("-dirty" with local changes): a resumed '
+        "or merged file keeps each row's own",
+        optional=True,
+        since=6,
         before="",
     ),
     Column(

@@ -13,6 +13,7 @@ from lsr.bench.measure.machine import (
     copy_bandwidth,
     copy_bandwidths,
     environment,
+    git_commit,
     machine_name,
     vector_isa,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "copy_bandwidths",
     "environment",
     "estimated_peak_bytes",
+    "git_commit",
     "l2_cache_bytes",
     "l2_flush_bytes",
     "machine_name",

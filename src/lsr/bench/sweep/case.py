@@ -5,6 +5,7 @@ child process (`lsr.bench.sweep.isolate`) so that a case that kills its process 
 
 from __future__ import annotations
 
+import functools
 import gc
 from collections.abc import Iterator
 
@@ -27,11 +28,18 @@ def is_out_of_memory(error: BaseException) -> bool:
     )
 
 
+_commit = functools.cache(measure.git_commit)  # one per process: two git calls, not two per row
+
+
 def base_row(case: Case) -> dict:
     """The row of `case` before anything is measured, with the settings it is measured under."""
     kind = FLOOR if case.is_floor else lsr.get(case.implementation).smoothing_kind
     threads = torch.get_num_threads() if case.threads is None else case.threads
-    return new_row(case, kind) | {"threads": threads, "machine": measure.machine_name()}
+    return new_row(case, kind) | {
+        "threads": threads,
+        "machine": measure.machine_name(),
+        "git_commit": _commit(),
+    }
 
 
 def failure(error: BaseException, context: str = "") -> dict:

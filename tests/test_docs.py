@@ -12,10 +12,9 @@ import re
 import shlex
 import subprocess
 import sys
-import tomllib
-from pathlib import Path
 
 import pytest
+import tomllib
 
 from helpers import ROOT
 

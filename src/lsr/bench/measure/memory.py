@@ -48,7 +48,11 @@ def cpu_peak_bytes(fn: Callable[[], object]) -> int:
     ]
     current = peak = 0
     for event in sorted(events, key=lambda e: e.start_ns()):
-        current += event.nbytes()  # negative for frees, including of tensors older than the pass
+        # Negative for frees. The profiler reports the free of a tensor older than the pass only when
+        # its allocation was seen by an earlier profile in this process (it knows the size then), so
+        # such a free may or may not appear: never let it take the count below what the pass
+        # itself holds, 0 at the least
+        current = max(0, current + event.nbytes())
         peak = max(peak, current)
     return peak
 

@@ -409,3 +409,16 @@ def test_a_run_never_replaces_results_it_did_not_measure(tmp_path, capsys):
     # the same machine, commit and grid: a rerun replaces its own rows without being asked
     code, _, _ = run_cli(["run", *TINY, "--no-progress", "--out", str(tmp_path / "again")], capsys)
     assert code == 0
+
+
+def test_compare_and_side_by_side_say_when_the_machines_differ(tmp_path, capsys, one_chart):
+    old = fake_run(tmp_path / "old", {(64, 100): 1e-3, (128, 100): 2e-3})
+    new = fake_run(tmp_path / "new", {(64, 100): 1e-3, (128, 100): 2e-3})
+    write_metadata(old / METADATA_FILE, {"device": "cpu", "vector_isa": "avx2", "cpu_model": "AMD EPYC"})
+    write_metadata(new / METADATA_FILE, {"device": "cpu", "vector_isa": "avx512f", "cpu_model": "AMD EPYC"})
+    code, out, _ = run_cli(["compare", str(old), str(new)], capsys)
+    assert code == 0 and "different machines (vector_isa avx2 -> avx512f)" in out.splitlines()[0]
+    code, _, err = run_cli(["plot", str(old), str(new), "--out", str(tmp_path / "charts")], capsys)
+    assert code == 0 and "different machines (vector_isa avx2 -> avx512f)" in err
+    write_metadata(new / METADATA_FILE, {"device": "cpu", "vector_isa": "avx2", "cpu_model": "AMD EPYC"})
+    assert "different machines" not in run_cli(["compare", str(old), str(new)], capsys)[1]

@@ -261,3 +261,13 @@ def test_interrupted_experiments_leave_the_results_as_they_were(tmp_path, monkey
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "train_digits_summary.json"]
     assert (out / "README.md").read_text() == "committed\n"
     assert [p.name for p in tmp_path.iterdir()] == ["experiments"]  # no staging folder left behind
+
+
+def test_missing_packages_are_named_with_the_extra_before_anything_runs(monkeypatch, tmp_path, capsys):
+    from lsr.experiments import __main__ as experiments_main
+
+    monkeypatch.setattr(experiments_main.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit) as exit_:
+        experiments_main.main(["--out", str(tmp_path / "out")])
+    assert "needs scikit-learn, matplotlib, psutil, tqdm" in str(exit_.value.code)
+    assert "'.[experiments]'" in str(exit_.value.code) and not (tmp_path / "out").exists()

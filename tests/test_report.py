@@ -115,6 +115,16 @@ def test_ship_table_says_none_passed_and_ties_within_the_noise():
     assert cell(close, "ship") == "fused-exact (≈ dense)"
 
 
+def test_ship_table_leaves_out_busy_rows_and_says_so():
+    rows = at_size(native=4.0, dense=5.0)
+    rows = [r | {"busy": r["implementation"] == "native"} for r in rows]  # the fastest, timed while busy
+    (exact,) = ship.ship_tables(rows)
+    assert cell(exact, "ship") == "dense"
+    assert "1 rows timed while other processes loaded the machine" in ship.format_ship_report(rows)
+    assert any("left out" in line for line in ship.ship_section(rows))
+    assert "busy" not in ship.format_ship_report(at_size(native=4.0, dense=5.0))
+
+
 def test_ship_table_uses_the_plain_variant_only():
     rows = at_size(native=4.0, dense=5.0)
     rows += [row("dense", median=1e-4, ignore_fraction=0.3), row("dense", median=1e-4, weighted=True)]
@@ -297,3 +307,16 @@ def test_compare_ignores_or_marks_busy_rows(tmp_path):
     assert [e["busy"] for e in compare(old, new)] == [True, False]
     assert [e["case"] for e in compare(old, new, ignore_busy=True)] == [Case.of_row(old[1])]
     assert "1 were timed on a busy machine" in format_comparison(compare(old, new))
+
+
+def test_charts_mark_rows_timed_on_a_busy_machine(tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr(style, "save", lambda fig, path: figures.append(fig) or path)
+    rows = at_size(native=3.0, dense=4.0) + at_size(128, 1000, native=6.0, dense=9.0)
+    rows = [r | {"busy": r["implementation"] == "native" and r["batch"] == 128} for r in rows]
+    plot.plot_run(rows, METADATA, tmp_path)
+    titles = [fig.get_suptitle() or fig.axes[0].get_title() for fig in figures]
+    assert all("1 rows timed while other processes loaded the machine" in t for t in titles), titles
+    time_chart = next(fig for fig in figures if fig.get_suptitle().startswith("time vs batch"))
+    hollow = [line for ax in time_chart.axes for line in ax.lines if line.get_markerfacecolor() == "white"]
+    assert len(hollow) == 1 and list(hollow[0].get_xdata()) == [128]

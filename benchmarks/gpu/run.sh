@@ -66,10 +66,15 @@ phase() {
     timeout -s INT -k 10 "$limit" "$@"
     status=$?
     local verdict="exit $status"
-    ((status == 124 || status == 130 || status == 137)) && verdict="cut at its time limit (exit $status)"
+    if ((status == 124 || status == 130 || status == 137)); then
+        verdict="cut at its time limit (exit $status)"  # what it wrote so far stays; not a failure
+    elif ((status != 0 && status != ${ALLOW_EXIT:-0})); then
+        FAILED+=("$name (exit $status)")
+    fi
     say "$name: $verdict after $((SECONDS - start))s"
-    return 0
+    return 0  # the phases after it still run
 }
+FAILED=()
 
 if [ -d .whl ] && compgen -G ".whl/*.whl" >/dev/null; then
     if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -79,6 +84,12 @@ if [ -d .whl ] && compgen -G ".whl/*.whl" >/dev/null; then
     else
         say "wheels in .whl/ failed to install (see above); going on without them"
     fi
+fi
+
+# Nothing runs without a python that imports torch and this checkout's lsr: say so and stop at once
+if ! "$PY" -c "import torch, lsr" >>"$LOG" 2>&1; then
+    say "failed: $PY cannot import torch and lsr (see $LOG); set PYTHON= to one that can, e.g. PYTHON=.venv/bin/python"
+    exit 3
 fi
 
 if ((DRY_RUN)); then
@@ -108,7 +119,8 @@ EOF
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfEs -o addopts="" --durations=10)
 {
     phase "tests: test_cuda.py" 60 330 "${PYTEST[@]}" tests/test_cuda.py tests/test_measure.py -k cuda
-    phase "tests: cuda cases of the loss tests" $((120 - SECONDS)) 330 \
+    # exit 5 (no test collected) is a CPU dry run's: there are no cuda cases there
+    ALLOW_EXIT=$((DRY_RUN ? 5 : 0)) phase "tests: cuda cases of the loss tests" $((120 - SECONDS)) 330 \
         "${PYTEST[@]}" tests/test_fused.py tests/test_losses.py -k cuda
 } >"$OUT/tests.log" 2>&1
 
@@ -144,3 +156,7 @@ else
     say "charts: skipped, no results.csv"
 fi
 say "done: $(cd "$OUT" && find . -type f | sort | tr '\n' ' ')"
+if ((${#FAILED[@]})); then
+    say "failed phases: ${FAILED[*]} (see their logs in $OUT)"
+    exit 1
+fi

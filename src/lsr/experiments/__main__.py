@@ -7,6 +7,7 @@ is done, so an interrupted or failed run leaves the committed results as they we
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import sys
@@ -54,8 +55,23 @@ def publish(staging: Path, out: Path) -> list[Path]:
     return moved
 
 
+# What the experiments import beyond torch, by module, and the package that provides it: all in the
+# `experiments` extra, which the README's plain `.venv` does not install
+NEEDED = {"sklearn": "scikit-learn", "matplotlib": "matplotlib", "psutil": "psutil", "tqdm": "tqdm"}
+
+
+def missing_packages() -> list[str]:
+    return [package for module, package in NEEDED.items() if importlib.util.find_spec(module) is None]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    missing = missing_packages()
+    if missing:  # before 10 s of figures, not after them: one line, exit 2
+        sys.exit(
+            f"python -m lsr.experiments: needs {', '.join(missing)}, which the experiments extra installs: "
+            "pip install -c constraints.txt -e '.[experiments]' (or python3 -m nox -s experiments)"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{args.out.name}-staging-", dir=args.out.parent))
     try:

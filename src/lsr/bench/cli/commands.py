@@ -25,7 +25,7 @@ from lsr.bench.data import (
     read_metadata,
     read_rows,
 )
-from lsr.bench.report.compare import compare, format_comparison
+from lsr.bench.report.compare import compare, format_comparison, machine_difference
 from lsr.bench.report.plot import chart_folders, plot_run
 from lsr.bench.report.ship import format_ship_report
 from lsr.bench.report.side_by_side import plot_side_by_side, shared_shapes
@@ -239,6 +239,10 @@ def cmd_plot(args) -> int:
     for (_, rows, metadata), folder in zip(runs, folders, strict=True):
         print("\n".join(str(p) for p in plot_run(rows, metadata, folder)))
     if side:
+        for (label, _, metadata), (other, _, other_metadata) in zip(sources, sources[1:], strict=False):
+            differ = machine_difference(metadata, other_metadata)
+            if differ:
+                print(f"lsr-bench: note: {label} and {other} were {differ}", file=sys.stderr)
         print(plot_side_by_side(sources, side / "side_by_side.png"))
     if args.summary:
         print(write_summary(Path(args.summary)))
@@ -302,6 +306,10 @@ def cmd_compare(args) -> int:
         if name:
             print(f"\n{name}: {old_path} -> {new_path}")
         old, new = _rows_of(old_path, old_machine), _rows_of(new_path, args.machine)
+        if not (old_machine or args.machine):  # two machines of a merged run say so above
+            differ = machine_difference(load(old_path)[1], load(new_path)[1])
+            if differ:
+                print(f"note: {old_path} and {new_path} were {differ}")
         entries = compare(old, new, min_change=args.min_change, ignore_busy=args.ignore_busy)
         print(format_comparison(entries))
     return 0

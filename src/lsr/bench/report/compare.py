@@ -69,3 +69,27 @@ def format_comparison(entries: list[dict]) -> str:
     if busy:
         summary += f" {busy} were timed on a busy machine (marked busy): their times may be inflated."
     return f"{table}\n\n{summary}"
+
+
+# What decides a run's times besides the code: a difference in any says the runs' ratios compare
+# machines (or settings), not commits
+MACHINE_FACTS = ("machine", "cpu_model", "vector_isa", "device_name", "threads", "torch_version")
+
+
+def machine_difference(old: dict, new: dict) -> str | None:
+    """A sentence saying how two runs' machines differ (from their metadata), or None.
+
+    >>> machine_difference({"vector_isa": "avx2", "threads": 2}, {"vector_isa": "avx512f", "threads": 2})
+    'measured on different machines (vector_isa avx2 -> avx512f): the ratios compare machines as well as code; hosts of one kind differ by 2-4x'
+    """
+    changed = [
+        f"{key} {old.get(key)} -> {new.get(key)}"
+        for key in MACHINE_FACTS
+        if old.get(key) is not None and new.get(key) is not None and old[key] != new[key]
+    ]
+    if not changed:
+        return None
+    return (
+        f"measured on different machines ({', '.join(changed)}): the ratios compare machines as well as "
+        "code; hosts of one kind differ by 2-4x"
+    )

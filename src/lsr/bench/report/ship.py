@@ -46,7 +46,22 @@ CaseKey = tuple[str, str, float, int, int]  # device, dtype, smoothing, N, C
 
 def ship_rows(rows: list[dict]) -> list[dict]:
     """The rows the choice is made from: forward+backward, smoothing > 0, nothing ignored, unweighted,
-    at all cores."""
+    at all cores, and not timed while other processes loaded the machine (column busy)."""
+    return [r for r in _candidates(rows) if not r.get("busy")]
+
+
+def _busy_left_out(rows: list[dict]) -> str:
+    """A sentence saying how many candidate rows were left out as busy, or nothing."""
+    busy = sum(1 for r in _candidates(rows) if r.get("busy"))
+    return (
+        f"{busy} rows timed while other processes loaded the machine (column busy) are left out: "
+        "rerun them on an idle machine (delete them and --resume)"
+        if busy
+        else ""
+    )
+
+
+def _candidates(rows: list[dict]) -> list[dict]:
     return [
         r
         for r in at_all_cores(rows)
@@ -170,10 +185,16 @@ def format_ship_report(rows: list[dict]) -> str:
     """What `lsr-bench run` prints after its per-row table: a heading line and the console tables;
     empty when there is nothing to choose from."""
     tables = format_ship_tables(rows)
-    return f"{HEADING} ({CONSOLE_NOTE}):\n\n{tables}" if tables else ""
+    busy = _busy_left_out(rows)
+    return f"{HEADING} ({CONSOLE_NOTE}):\n\n" + (f"{busy}\n\n" if busy else "") + tables if tables else ""
 
 
 def ship_section(rows: list[dict]) -> list[str]:
     """The README's lines for the ship tables of one run: heading, what they say, the tables."""
     tables = format_ship_tables(rows, markdown=True)
-    return [f"### {HEADING}", "", INTRO, "", tables, ""] if tables else []
+    busy = _busy_left_out(rows)
+    return (
+        [f"### {HEADING}", "", INTRO, "", *([f"**{busy}.**", ""] if busy else []), tables, ""]
+        if tables
+        else []
+    )

@@ -166,3 +166,22 @@ def test_floor_for_names_an_implementations_floor():
     for impl in lsr.REGISTRY.values():
         writes_logits = impl.inplace_backward or impl.gradient_in_forward
         assert floor_for(impl.name) == (FLOOR if writes_logits else FLOOR_ALLOC)
+
+
+def test_an_interrupt_after_the_rename_is_not_turned_into_a_missing_file(tmp_path, monkeypatch):
+    """Ctrl-C landing between the rename and the end of atomic_write must reach the caller as
+    KeyboardInterrupt (exit 130), not as the clean-up's FileNotFoundError (exit 2, seen in CI)."""
+    import os
+
+    import lsr.bench.data.files as files
+
+    real_replace = os.replace
+
+    def interrupted_after_renaming(source, target):
+        real_replace(source, target)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files.os, "replace", interrupted_after_renaming)
+    with pytest.raises(KeyboardInterrupt):
+        files.atomic_write(tmp_path / "results.csv", "a,b\n")
+    assert (tmp_path / "results.csv").read_text() == "a,b\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -45,6 +46,9 @@ def atomic_write(path: Path, text: str) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        # Ctrl-C may land after the rename: then there is no temporary file left, and the interrupt,
+        # not a FileNotFoundError from this clean-up, is what the caller must see
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
     _fsync_directory(path.parent)

@@ -319,4 +319,22 @@ def test_charts_mark_rows_timed_on_a_busy_machine(tmp_path, monkeypatch):
     assert all("1 rows timed while other processes loaded the machine" in t for t in titles), titles
     time_chart = next(fig for fig in figures if fig.get_suptitle().startswith("time vs batch"))
     hollow = [line for ax in time_chart.axes for line in ax.lines if line.get_markerfacecolor() == "white"]
-    assert len(hollow) == 1 and list(hollow[0].get_xdata()) == [128]
+    assert len(hollow) == 1 and 128 * 0.9 < hollow[0].get_xdata()[0] < 128 * 1.1
+
+
+def test_coinciding_lines_stay_visible_and_skipped_charts_are_named(tmp_path):
+    """Two implementations with the same numbers are drawn side by side, not one over the other; a
+    one-size run names the charts it cannot draw and what they need."""
+    rows = at_size(native=3.0, dense=3.0) + at_size(128, 100, native=6.0, dense=6.0)
+    fig = plot.DRAW["time_vs_batch"](rows, METADATA, "float32")
+    xs = {line.get_label(): tuple(line.get_xdata()) for line in fig.axes[0].lines}
+    assert xs["native"] != xs["dense"] and all(
+        abs(a / b - 1) < 0.1 for a, b in zip(xs["native"], xs["dense"], strict=True)
+    )
+    skipped: list[str] = []
+    plot.plot_run(at_size(native=3.0), METADATA, tmp_path, skipped)
+    assert any(
+        line.startswith("time_vs_batch (float32): not drawn, it needs two or more batch sizes")
+        for line in skipped
+    )
+    assert not any(line.startswith("thread_scaling") for line in skipped)  # not asked for: no threads axis

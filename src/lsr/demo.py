@@ -12,6 +12,7 @@ import argparse
 import torch
 
 import lsr
+from lsr.bench.report.tables import format_table
 
 
 def minimise_one_row(loss_fn, num_classes: int, smoothing: float, steps: int = 3000, lr: float = 1.0):
@@ -41,13 +42,15 @@ def main(argv: list[str] | None = None) -> None:
     logits = torch.randn(args.batch, args.classes, generator=gen) * 3
     target = torch.randint(0, args.classes, (args.batch,), generator=gen)
     print(f"Random batch: N={args.batch}, C={args.classes}, smoothing={args.smoothing}, float32\n")
-    print(f"{'implementation':<14} {'computes':<8} {'loss':>10} {'|loss - float64 def.|':>22}  description")
+    lines = []
     for impl in lsr.available("cpu"):
         loss = impl.loss(logits, target, args.smoothing).item()
         ref = impl.reference(logits, target, args.smoothing).item()
-        print(
-            f"{impl.name:<14} {impl.smoothing_kind:<8} {loss:>10.6f} {abs(loss - ref):>22.2e}  {impl.description}"
+        lines.append(
+            [impl.name, impl.smoothing_kind, f"{loss:.6f}", f"{abs(loss - ref):.2e}", impl.description]
         )
+    headers = ["implementation", "computes", "loss", "|loss - float64 def.|", "description"]
+    print(format_table(headers, lines, align="llrrl"))
 
     C, xi = 10, 0.1
     print(

@@ -203,7 +203,10 @@ def _run(args, shard: Shard | None) -> int:
         done_before += len(plan.cases)
         all_rows += rows
         if lead and not args.no_plot:
-            plot_run(*load(out_dir), out_dir)
+            skipped: list[str] = []
+            plot_run(*load(out_dir), out_dir, skipped)
+            for line in skipped:
+                print(f"lsr-bench: chart {line}", file=sys.stderr)
     if not lead:
         return 0
     if not args.no_plot:
@@ -237,7 +240,10 @@ def cmd_plot(args) -> int:
     for folder in [*folders, *([side] if side else [])]:
         check_writable(folder, "--out" if out else "chart folder")
     for (_, rows, metadata), folder in zip(runs, folders, strict=True):
-        print("\n".join(str(p) for p in plot_run(rows, metadata, folder)))
+        skipped: list[str] = []
+        print("\n".join(str(p) for p in plot_run(rows, metadata, folder, skipped)))
+        for line in skipped:
+            print(f"lsr-bench: chart {line}", file=sys.stderr)
     if side:
         for (label, _, metadata), (other, _, other_metadata) in zip(sources, sources[1:], strict=False):
             differ = machine_difference(metadata, other_metadata)

@@ -20,6 +20,7 @@ from lsr.bench.report.selection import FWD_BWD, implementations, index_rows, ok_
 from lsr.bench.report.tables import format_bandwidth, format_caches
 from lsr.registry import EAGER_BASELINE, PAPER_PAIR
 
+DODGE = 0.03  # log2 units between neighbouring implementations' points in the line charts
 GRADIENT = "gradient"  # the reference line of the memory charts: N·C·itemsize bytes
 
 
@@ -80,12 +81,15 @@ def _line_panel(
                 found.append((x, row))
         return found
 
-    for name in names:
-        points = [(x, quantity.value(row)) for x, row in rows_at(name)]
+    for i, name in enumerate(names):
+        # Lines that coincide (e.g. two losses at the same peak memory) would hide each other: each
+        # implementation's points are shifted by a few percent along the log x axis
+        dodge = 2 ** ((i - (len(names) - 1) / 2) * DODGE)
+        points = [(x * dodge, quantity.value(row)) for x, row in rows_at(name)]
         if points:
             look = style.line_style(name)
             ax.plot(*zip(*points, strict=True), **look)
-            busy = [(x, quantity.value(r)) for x, r in rows_at(name) if r.get("busy")]
+            busy = [(x * dodge, quantity.value(r)) for x, r in rows_at(name) if r.get("busy")]
             if busy:  # hollow: timed while other processes loaded the machine
                 hollow = {
                     "marker": look.get("marker") or "o",

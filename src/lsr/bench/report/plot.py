@@ -40,6 +40,18 @@ DRAW: dict[str, Chart] = {
 # Every chart but the threads chart shows the rows at all cores: a case measured at 1 thread too
 # appears once there.
 ALL_THREADS_CHARTS = ("thread_scaling",)
+# Why a chart is not drawn for a run's rows (its function returned None): what it needs
+NEEDS = {
+    "time_vs_batch": "two or more batch sizes",
+    "time_vs_classes": "two or more class counts",
+    "memory_vs_batch": "two or more batch sizes with a peak measured",
+    "memory_vs_classes": "two or more class counts with a peak measured",
+    "speedup": "native (or sparse and dense) measured forward+backward beside another implementation",
+    "floor_multiple": "an implementation measured forward+backward beside its floor",
+    "bandwidth": "forward+backward rows",
+    "thread_scaling": "a size measured at 1 thread and at more (--threads 1 all)",
+}
+assert tuple(NEEDS) == CHARTS, "every chart says what it needs"
 assert tuple(DRAW) == CHARTS, "every chart the summary links is drawn here"
 
 
@@ -66,21 +78,29 @@ def chart_folders(inputs: list[Path], out: Path | None) -> list[Path]:
     return [out / f"{name}_{i}" for i, name in enumerate(names, 1)]  # one input given twice
 
 
-def plot_run(rows: list[dict], metadata: dict, out_dir: Path) -> list[Path]:
+def plot_run(rows: list[dict], metadata: dict, out_dir: Path, skipped: list[str] | None = None) -> list[Path]:
     """Every chart for one run, per dtype (and per variant where it has several). A merged run of
     several machines (`lsr-bench merge`): each machine's charts in out_dir/<machine>/, and their
-    forward+backward times side by side, a column per machine, in out_dir/side_by_side.png."""
+    forward+backward times side by side, a column per machine, in out_dir/side_by_side.png.
+    `skipped` collects a line per chart the rows cannot make, saying what it needs."""
     if merge.is_merged(rows, metadata):
         machines = merge.by_machine(rows, metadata)
         if len(machines) == 1:
-            return _plot_machine(*machines[0][1:], out_dir)
+            return _plot_machine(*machines[0][1:], out_dir, skipped)
         written = [
-            path for name, named, own in machines for path in _plot_machine(named, own, out_dir / name)
+            path
+            for name, named, own in machines
+            for path in _plot_machine(named, own, out_dir / name, skipped)
         ]
         if shared_shapes(machines):
             written.append(plot_side_by_side(machines, out_dir / "side_by_side.png"))
         return written
-    return _plot_machine(rows, metadata, out_dir)
+    return _plot_machine(rows, metadata, out_dir, skipped)
+
+
+def _one_thread_count(rows: list[dict]) -> bool:
+    """Whether the rows were measured at one thread count: the threads chart was not asked for."""
+    return len({r.get("threads") for r in rows}) <= 1
 
 
 def _note_busy(fig: Figure, rows: list[dict]) -> None:
@@ -96,8 +116,8 @@ def _note_busy(fig: Figure, rows: list[dict]) -> None:
         fig.axes[0].set_title(f"{fig.axes[0].get_title()}\n{note}")
 
 
-def _plot_machine(rows: list[dict], metadata: dict, out_dir: Path) -> list[Path]:
-    """Every chart for one machine's run."""
+def _plot_machine(rows: list[dict], metadata: dict, out_dir: Path, skipped: list[str] | None) -> list[Path]:
+    """Every chart for one machine's run; what could not be drawn, and why, into `skipped`."""
     written = []
     with style.context():
         for suffix, label, subset in variants(rows):
@@ -108,4 +128,9 @@ def _plot_machine(rows: list[dict], metadata: dict, out_dir: Path) -> list[Path]
                     if fig is not None:
                         _note_busy(fig, [r for r in shown if r["dtype"] == dtype])
                         written.append(style.save(fig, out_dir / chart_file(chart, dtype, suffix)))
+                    elif skipped is not None and not (
+                        chart in ALL_THREADS_CHARTS and _one_thread_count(subset)
+                    ):
+                        where = f"{dtype}{', ' + label if label else ''}"
+                        skipped.append(f"{chart} ({where}): not drawn, it needs {NEEDS[chart]}")
     return written

@@ -152,8 +152,8 @@ def test_summary_table_shows_mean_and_spread():
     two_seeds = row | {f"{m}_std": 0.25 for m in training.METRIC_NAMES}
     lines = outputs.summary_table([one_seed, two_seeds]).splitlines()
     assert lines[0].startswith("| loss | seeds | test accuracy (%) | ECE (%) |")
-    assert lines[1] == "|---|" + "---:|" * 7
-    assert lines[2] == "| CE | 1 | 50.00 | 50.00 | 0.500 | 0.50 | 0.5000 | 0.500 |"
+    assert lines[1] == "|---|" + "---:|" * 8
+    assert lines[2] == "| CE | 1 | 50.00 | 50.00 | 0.500 | 0.50 | 0.5 | 0.5000 | 0.500 |"
     assert lines[3].startswith("| CE | 2 | 50.00 ± 25.00 | 50.00 ± 25.00 | 0.500 ± 0.250 |")
 
 
@@ -175,7 +175,7 @@ def test_lsr_train_on_tiny_digits(tmp_path, capsys):
     ]
     for r in runs:
         assert 0.0 <= float(r["accuracy"]) <= 1.0 and 0.0 <= float(r["ece"]) <= 1.0
-        assert float(r["nll"]) > 0 and float(r["ms_per_step"]) > 0
+        assert float(r["nll"]) > 0 and float(r["ms_per_step"]) > 0 and float(r["warmup_ms"]) > 0
     summary = json.loads(paths["summary_json"].read_text())
     assert [row["seeds"] for row in summary["summary"]] == [2, 2, 2]
     meta = summary["meta"]

@@ -26,6 +26,7 @@ SUMMARY_COLUMNS = (
     ("ECE (%)", "ece", 100, 2),
     ("NLL", "nll", 1, 3),
     ("ms / step", "ms_per_step", 1, 2),
+    ("warm-up ms / step", "warmup_ms", 1, 1),
     ("SparseLSR rel. loss error", "sparse_rel_loss_error", 1, 4),
     ("grad cosine", "sparse_grad_cosine", 1, 3),
 )
@@ -153,7 +154,8 @@ def summary_markdown(summary: Sequence[Mapping], meta: Mapping) -> str:
         "",
         "Mean ± sample standard deviation over the seeds. ECE: 15 equal-width bins, top label. "
         "NLL: plain cross-entropy of the test logits. Time per step: median wall time of forward, backward "
-        "and optimiser step. The last two columns apply SparseLSR and exact LSR to the trained model's own "
+        "and optimiser step after the first 5 steps; warm-up: those 5 steps' mean (compilation, first "
+        "touches of memory). The last two columns apply SparseLSR and exact LSR to the trained model's own "
         "test logits (at the run's smoothing): SparseLSR's relative loss error and the cosine between their "
         "gradients.",
         "",

@@ -208,19 +208,33 @@ class RunResult:
     ece: float
     nll: float
     ms_per_step: float  # median over the run's steps after the first WARMUP_STEPS
+    warmup_ms: float  # the first WARMUP_STEPS steps' mean (compilation and first touches), apart
     train_seconds: float
     sparse_rel_loss_error: float
     sparse_grad_cosine: float
 
 
 WARMUP_STEPS = 5
-METRIC_NAMES = ("accuracy", "ece", "nll", "ms_per_step", "sparse_rel_loss_error", "sparse_grad_cosine")
+METRIC_NAMES = (
+    "accuracy",
+    "ece",
+    "nll",
+    "ms_per_step",
+    "warmup_ms",
+    "sparse_rel_loss_error",
+    "sparse_grad_cosine",
+)
 
 
 def median_ms(step_times: Sequence[float]) -> float:
     """Median step time in milliseconds, leaving out the warm-up steps when there are more."""
     timed = step_times[WARMUP_STEPS:] or step_times
     return 1000 * statistics.median(timed)
+
+
+def warmup_ms(step_times: Sequence[float]) -> float:
+    """The warm-up steps' mean time in milliseconds: what `median_ms` leaves out, reported apart."""
+    return 1000 * statistics.fmean(step_times[:WARMUP_STEPS]) if step_times else float("nan")
 
 
 def run_one(
@@ -246,6 +260,7 @@ def run_one(
         loss.label,
         seed,
         ms_per_step=median_ms(step_times),
+        warmup_ms=warmup_ms(step_times),
         train_seconds=seconds,
         **metrics,
     )

@@ -20,7 +20,7 @@ from lsr.bench.report.selection import FWD_BWD, implementations, index_rows, ok_
 from lsr.bench.report.tables import format_bandwidth, format_caches
 from lsr.registry import EAGER_BASELINE, PAPER_PAIR
 
-DODGE = 0.03  # log2 units between neighbouring implementations' points in the line charts
+DODGE = 0.06  # log2 units between neighbouring implementations' points in the line charts
 GRADIENT = "gradient"  # the reference line of the memory charts: N·C·itemsize bytes
 
 

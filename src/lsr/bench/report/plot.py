@@ -99,8 +99,9 @@ def plot_run(rows: list[dict], metadata: dict, out_dir: Path, skipped: list[str]
 
 
 def _one_thread_count(rows: list[dict]) -> bool:
-    """Whether the rows were measured at one thread count: the threads chart was not asked for."""
-    return len({r.get("threads") for r in rows}) <= 1
+    """Whether the implementations' rows (not the floors', which every variant shares) were measured
+    at one thread count: the threads chart was not asked for."""
+    return len({r.get("threads") for r in rows if not selection.is_floor(r)}) <= 1
 
 
 def _note_busy(fig: Figure, rows: list[dict]) -> None:

@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import io
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -27,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lsr.bench.cli.arguments import AT_LEAST_ONE, EXIT_USAGE, PROBABILITY, Parser, checked
+from lsr.bench.data import SchemaError, atomic_write
 from lsr.bench.measure import environment, peak_bytes, synchronize, time_pass
 from lsr.bench.report import style
 from lsr.fused import fused_label_smoothing, fused_sparse_label_smoothing
@@ -146,11 +150,43 @@ def measure_rank(args, device) -> list[dict]:
 # --- files and chart (rank 0) ----------------------------------------------------------------------------
 
 
+# The numeric columns, and the least each may be: a cut-off or hand-edited row is refused, not drawn
+NUMBERS = {
+    "world_size": 1,
+    "rank": 0,
+    "batch": 1,
+    "classes": 1,
+    "local_classes": 0,
+    "threads": 1,
+    "median_s": 0,
+    "iqr_s": 0,
+    "samples": 1,
+    "peak_bytes": 0,
+}
+
+
 def _read_rows(path: Path) -> list[dict]:
+    """The file's rows, each checked: every column present, numbers that parse, a median above 0 and
+    nothing below its least (SchemaError naming the file, line and column)."""
     if not path.exists():
         return []
-    with path.open() as f:
-        return list(csv.DictReader(f))
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if list(reader.fieldnames or []) != list(FIELDS):
+            raise SchemaError(f"{path}: not a vocab-parallel results file (columns {reader.fieldnames})")
+        rows = list(reader)
+    for line, row in enumerate(rows, start=2):
+        for column, least in NUMBERS.items():
+            raw = row.get(column)
+            try:
+                value = float(raw)
+            except (TypeError, ValueError):
+                raise SchemaError(
+                    f"{path}:{line}: column {column!r} should be a number, got {raw!r}"
+                ) from None
+            if not math.isfinite(value) or value < least or (column == "median_s" and value == 0):
+                raise SchemaError(f"{path}:{line}: column {column!r} is out of range: {raw}")
+    return rows
 
 
 def write_results(out: Path, rows: list[dict], metadata: dict) -> None:
@@ -168,14 +204,16 @@ def write_results(out: Path, rows: list[dict], metadata: dict) -> None:
             int(r["rank"]),
         ),
     )
-    with (out / CSV_NAME).open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(merged)
+    # Both files through a temporary file and a rename: a full disk or a kill leaves the old ones whole
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(merged)
+    atomic_write(out / CSV_NAME, text.getvalue())
     metadata_path = out / METADATA_NAME
     by_world = json.loads(metadata_path.read_text()) if metadata_path.exists() else {}
     by_world[world] = metadata
-    metadata_path.write_text(json.dumps(by_world, indent=2, sort_keys=True) + "\n")
+    atomic_write(metadata_path, json.dumps(by_world, indent=2, sort_keys=True) + "\n")
 
 
 def plot(out: Path) -> Path:
@@ -248,21 +286,59 @@ def plot(out: Path) -> Path:
 # --- entry point -------------------------------------------------------------------------------------------
 
 
+class _RankParser(Parser):
+    """The CLI's one-line refusals (exit 2), said by rank 0 only: every rank refuses the same
+    arguments, before any collective, and one line is enough."""
+
+    def error(self, message: str):
+        if int(os.environ.get("RANK", 0)) != 0:
+            self.exit(EXIT_USAGE)
+        super().error(message)
+
+
+AT_LEAST_THREE = checked(int, lambda v: v >= 3, "must be at least 3 (a median and an IQR)")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = _RankParser(
         prog="torchrun --nproc-per-node K -m lsr.bench.vocab_parallel",
         description="Per-rank time and peak memory of lsr.parallel's vocab-parallel loss at world size K.",
     )
     parser.add_argument("--out", type=Path, default=Path("results/parallel"), help="results directory")
-    parser.add_argument("--batch", type=int, default=4096, help="rows N (default 4096)")
+    parser.add_argument("--batch", type=AT_LEAST_ONE, default=4096, help="rows N (default 4096)")
     parser.add_argument(
-        "--classes", type=int, nargs="+", default=[8192, 32768], help="total classes C (default 8192 32768)"
+        "--classes",
+        type=AT_LEAST_ONE,
+        nargs="+",
+        default=[8192, 32768],
+        help="total classes C, at least 2 (SparseLSR) and at least the world size (default 8192 32768)",
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--smoothing", type=float, default=0.1)
-    parser.add_argument("--samples", type=int, default=7, help="timed calls per case (default 7)")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads per rank (default 1)")
-    return parser.parse_args(argv)
+    parser.add_argument("--smoothing", type=PROBABILITY, default=0.1, help="in [0, 1] (default 0.1)")
+    parser.add_argument("--samples", type=AT_LEAST_THREE, default=7, help="timed calls per case (default 7)")
+    parser.add_argument("--threads", type=AT_LEAST_ONE, default=1, help="CPU threads per rank (default 1)")
+    args = parser.parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    too_few = [c for c in args.classes if c < max(2, world)]
+    if too_few:
+        parser.error(f"--classes {too_few[0]}: each needs at least 2 and at least the world size {world}")
+    return args
+
+
+def _require_rank_zeros_settings(args: argparse.Namespace) -> None:
+    """Rank 0's settings are the run's: ranks launched with other arguments (each rank parses its
+    own command line) are refused on every rank, naming the setting, before anything is measured."""
+    mine = {k: str(v) for k, v in sorted(vars(args).items())}
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    for key in mine:
+        values = {rank: settings[key] for rank, settings in enumerate(everyone)}
+        if len(set(values.values())) > 1:
+            said = ", ".join(f"rank {rank} {value}" for rank, value in values.items())
+            if dist.get_rank() == 0:
+                print(f"vocab_parallel: the ranks were given different --{key.replace('_', '-')}: {said}")
+            dist.destroy_process_group()
+            raise SystemExit(EXIT_USAGE)
 
 
 def main(argv=None) -> None:
@@ -277,6 +353,7 @@ def main(argv=None) -> None:
         device = torch.device("cpu")
         torch.set_num_threads(args.threads)
         dist.init_process_group("gloo")
+    _require_rank_zeros_settings(args)
     try:
         metadata = (
             environment(device.type, dtype=args.dtype, world_size=dist.get_world_size())

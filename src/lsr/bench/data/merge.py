@@ -18,15 +18,15 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from lsr.bench.data.lock import output_lock
-from lsr.bench.data.rows import read_metadata, read_rows, write_metadata, write_rows
+from lsr.bench.data.rows import load, read_rows, write_metadata, write_rows
 from lsr.bench.data.schema import (
     METADATA_FILE,
+    PARTS_DIR,
     RESULTS_FILE,
     case_key,
     machine_name_of,
 )
 
-PARTS_DIR = "parts"
 MACHINES = "machines"  # metadata.json's key, in a merged directory: each machine's metadata by name
 
 # --- the parts of a sharded sweep -------------------------------------------------------------------------
@@ -132,7 +132,7 @@ def merge_runs(runs: list[Path], out: Path) -> dict[str, int]:
     kept: dict[str, dict] = {}
     inputs = []
     for run in runs:
-        run_rows, metadata = read_rows(run), read_metadata(run)
+        run_rows, metadata = load(run)  # refuses a folder with unfolded parts, or with no rows
         for machine, named, own in by_machine(run_rows, metadata, run):
             for row in named:
                 key = (machine, *case_key(row))

@@ -16,6 +16,7 @@ from lsr.bench.data.schema import (
     COLUMNS,
     KINDS,
     METADATA_FILE,
+    PARTS_DIR,
     PASSES,
     RESULTS_FILE,
     SCHEMA_VERSION,
@@ -27,6 +28,18 @@ from lsr.types import DEVICES, DTYPES
 OPTIONAL = frozenset(c.name for c in COLUMNS if c.optional)  # columns a row may leave empty
 # Columns added after version 1, and what a row of a file written without them reads as
 ADDED_LATER = {c.name: c.before for c in COLUMNS if c.since > 1}
+# Where present, times that must be above 0 (median_s: on every ok row) and counts that cannot be negative
+POSITIVE_TIMES = ("wall_median_s", "host_s", "first_call_s")
+NON_NEGATIVE = (
+    "runs",
+    "threads",
+    "peak_bytes",
+    "peak_rss_bytes",
+    "logits_bytes",
+    "batch",
+    "classes",
+    "iqr_s",
+)
 # Case columns added after version 1, and what a case written without them is
 CASE_DEFAULTS = {c.name: c.before for c in COLUMNS if c.key and c.since > 1}
 
@@ -98,9 +111,17 @@ def _parse(row: dict, line: int, path: Path, defaults: dict) -> dict:
     if not 0.0 <= parsed["ignore_fraction"] < 1.0:
         raise SchemaError(f"{path}:{line}: ignore_fraction {parsed['ignore_fraction']} is not in [0, 1)")
     if parsed["status"] == "ok" and not (
-        parsed["median_s"] is not None and math.isfinite(parsed["median_s"])
+        parsed["median_s"] is not None and math.isfinite(parsed["median_s"]) and parsed["median_s"] > 0
     ):
-        raise SchemaError(f"{path}:{line}: an ok row needs a finite median_s")
+        raise SchemaError(
+            f"{path}:{line}: an ok row needs a finite median_s above 0, got {parsed['median_s']}"
+        )
+    for column in POSITIVE_TIMES:  # a time of 0 or less is no measurement: ratios would divide by it
+        if parsed[column] is not None and not parsed[column] > 0:
+            raise SchemaError(f"{path}:{line}: column {column!r} must be above 0, got {parsed[column]}")
+    for column in NON_NEGATIVE:
+        if parsed[column] is not None and parsed[column] < 0:
+            raise SchemaError(f"{path}:{line}: column {column!r} must be at least 0, got {parsed[column]}")
     return parsed
 
 
@@ -158,11 +179,24 @@ def read_metadata(path: str | Path) -> dict:
 
 
 def load(path: str | Path) -> tuple[list[dict], dict]:
-    """Rows and metadata from a results directory, a results.csv, or a pytest-benchmark JSON file."""
+    """Rows and metadata from a results directory, a results.csv, or a pytest-benchmark JSON file:
+    what merge, plot, compare and the summary read. Refused (SchemaError) where a folder still holds
+    the parts of an interrupted sharded sweep, whose rows results.csv lacks, or holds no row at all:
+    a reader never goes on as if an empty run were the run."""
     path = Path(path)
     if path.suffix == ".json":
         return _from_pytest_benchmark(path)
-    return read_rows(path), read_metadata(path)
+    folder = path if path.is_dir() else path.parent
+    parts = sorted((folder / PARTS_DIR).glob("rank-*.csv"))
+    if parts:
+        raise SchemaError(
+            f"{folder} holds {len(parts)} part files of an interrupted sharded sweep ({folder / PARTS_DIR}) "
+            "whose rows results.csv lacks: rerun the same lsr-bench run with --resume to fold them in first"
+        )
+    rows = read_rows(path)
+    if not rows:
+        raise SchemaError(f"{path}: no rows: nothing was measured into it")
+    return rows, read_metadata(path)
 
 
 def _benchmark_row(bench: dict, threads: int | None = None) -> dict | None:

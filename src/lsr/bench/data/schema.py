@@ -59,6 +59,7 @@ FLOOR_PEAK_FACTOR = 1.0  # what a floor allocates beyond its inputs, in logits (
 KINDS = (*SMOOTHING_KINDS, FLOOR)
 IGNORE_INDEX = -100  # the target value of an ignored row (F.cross_entropy's default)
 RESULTS_FILE, METADATA_FILE = "results.csv", "metadata.json"
+PARTS_DIR = "parts"  # a sharded sweep's rows per rank (rank-K.csv) until rank 0 merges them
 SCHEMA_VERSION = 6  # of results.csv and metadata.json; raise it with every column or status added
 # Other processes using more than this fraction of the machine's CPU time during a case make it busy.
 BUSY_LOAD = 0.10

@@ -123,6 +123,10 @@ def test_ship_table_leaves_out_busy_rows_and_says_so():
     assert "1 rows timed while other processes loaded the machine" in ship.format_ship_report(rows)
     assert any("left out" in line for line in ship.ship_section(rows))
     assert "busy" not in ship.format_ship_report(at_size(native=4.0, dense=5.0))
+    assert marks(exact)["native"] == "ok (busy)"  # shown, not chosen
+    all_busy = [r | {"busy": True} for r in rows]
+    (exact,) = ship.ship_tables(all_busy)
+    assert cell(exact, "ship") == "none: busy rows only"
 
 
 def test_ship_table_uses_the_plain_variant_only():

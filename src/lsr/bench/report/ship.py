@@ -119,17 +119,23 @@ def _within_noise(best: dict, other: dict) -> bool:
 
 def _choice(of: dict[str, dict], names: list[str]) -> dict | None:
     """The fastest measured row among `names`, or None when none passed."""
-    ok = [of[n] for n in names if n in of and of[n]["status"] == "ok"]
+    ok = [of[n] for n in names if n in of and _idle_ok(of[n])]
     return min(ok, key=lambda r: r["median_s"]) if ok else None
+
+
+def _idle_ok(row: dict | None) -> bool:
+    """Measured, and not while other processes loaded the machine: what a choice may rest on."""
+    return row is not None and row["status"] == "ok" and not row.get("busy")
 
 
 def _ship_cells(best: dict | None, of: dict[str, dict], names: list[str], baselines: list[str]) -> list[str]:
     """Chosen name (and those within its noise), its time, speedups over the baselines, its peak memory."""
     if best is None:
-        return ["none passed", "", *("" for _ in baselines), ""]
-    ties = [n for n in names if n in of and of[n] is not best and of[n]["status"] == "ok"]
+        busy_only = any(n in of and of[n]["status"] == "ok" for n in names)
+        return ["none: busy rows only" if busy_only else "none passed", "", *("" for _ in baselines), ""]
+    ties = [n for n in names if n in of and of[n] is not best and _idle_ok(of[n])]
     close = [n for n in ties if _within_noise(best, of[n])]
-    speedups = [ratio(of.get(b) if of.get(b, {}).get("status") == "ok" else None, best) for b in baselines]
+    speedups = [ratio(of.get(b) if _idle_ok(of.get(b)) else None, best) for b in baselines]
     peak = best["peak_bytes"]
     return [
         best["implementation"] + (f" (≈ {', '.join(close)})" if close else ""),
@@ -143,7 +149,7 @@ def ship_tables(rows: list[dict]) -> list[tuple[str, list[str], list[list[str]],
     """Per group (GROUPS) that the run measured: its title, headers, a row per (device, dtype,
     smoothing, N, C) with the choice and a mark per implementation of the group, and the columns'
     alignment. Device and smoothing get columns only where the rows have more than one value."""
-    chosen = ship_rows(rows)
+    chosen = _candidates(rows)  # busy rows too: marked "(busy)", never chosen nor a speedup's base
     by_case: dict[CaseKey, dict[str, dict]] = defaultdict(dict)
     for r in chosen:
         by_case[(r["device"], r["dtype"], r["smoothing"], r["batch"], r["classes"])][r["implementation"]] = r

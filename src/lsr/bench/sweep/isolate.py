@@ -35,7 +35,8 @@ class ChildDied(RuntimeError):
         if self.exitcode is not None and self.exitcode < 0:
             name = signal.Signals(-self.exitcode).name
             if -self.exitcode == signal.SIGKILL:  # what the kernel's out-of-memory killer sends
-                return {"status": "oom", "message": f"child killed by {name}, most likely out of memory"}
+                # the kernel's OOM killer, or a person: both look the same from here
+                return {"status": "oom", "message": f"child killed by {name}: out of memory, or by hand"}
             return {"status": "crashed", "message": f"child killed by {name}"}
         return {"status": "crashed", "message": f"child exited with code {self.exitcode}"}
 

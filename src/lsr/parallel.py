@@ -29,6 +29,12 @@ ride along, giving C and checking the offsets for free. The offset cannot ride t
 targets the slice owns, which its pass needs (z_y, and SparseLSR's non-target sum). So without
 `class_offset` one more, tiny, all_gather of the slice sizes comes first. The backward pass has none.
 
+Before any of these, where `check_ranks` (default: on CPU, where it costs no host synchronisation
+the caller did not ask for), the ranks check that they agree: one all_gather of a fixed-size
+fingerprint of each rank's arguments (`lsr.parallel_checks`), so that ranks that disagree, or an
+argument only one rank rejects, raise the same error on every rank instead of a wrong loss, a hang or
+an abort. The fingerprint carries the slices' sizes, so the sizes' all_gather is then not needed.
+
 Megatron-LM's vocab-parallel cross-entropy (issue 737) smoothed over the local slice: its smoothing
 term used the shard's size and the shard's sum of log-probabilities. Here C and dot are global, so the
 result equals `F.cross_entropy(full_logits, target, label_smoothing=eps)` (tests/test_parallel.py).
@@ -63,22 +69,14 @@ from lsr._common import (
 from lsr.fused import passes
 from lsr.fused.algebra import reduce_from_stats, row_upstream
 from lsr.fused.autograd import NO_DOUBLE_BACKWARD
+from lsr.parallel_checks import RankArguments, agree_across_ranks, check_slices, gather_from_ranks
 
 # --- the collectives ----------------------------------------------------------------------------------
 
 
-def _all_gather(tensor: torch.Tensor, group) -> torch.Tensor:
-    """(P, *tensor.shape): every rank's `tensor`, in rank order."""
-    world = dist.get_world_size(group)
-    out = torch.empty((world * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in 2.13
-    gather(out, tensor.contiguous(), group=group)
-    return out.view(world, *tensor.shape)
-
-
 def _slice_sizes(num_local_classes: int, device: torch.device, group) -> list[int]:
     return (
-        _all_gather(torch.tensor([num_local_classes], dtype=torch.int64, device=device), group)
+        gather_from_ranks(torch.tensor([num_local_classes], dtype=torch.int64, device=device), group)
         .view(-1)
         .tolist()
     )
@@ -111,18 +109,6 @@ def _combine(tables: torch.Tensor, sparse: bool):
     lse = torch.logsumexp(lse_r, dim=0)
     third = (third_r * torch.exp(lse_r - lse)).sum(dim=0) if sparse else third_r.sum(dim=0)
     return lse, z_y_r.sum(dim=0), third
-
-
-def _check_slices(sizes: list[int], offsets: list[int]) -> None:
-    """Every rank's offset is the number of classes held by the ranks before it."""
-    start = 0
-    for rank, (size, offset) in enumerate(zip(sizes, offsets, strict=True)):
-        if offset != start:
-            raise ValueError(
-                f"rank {rank} was given class_offset={offset}, but the ranks before it hold {start} classes "
-                f"(slice sizes {sizes}): each rank must hold the classes that follow the previous rank's"
-            )
-        start += size
 
 
 # --- autograd ---------------------------------------------------------------------------------------------
@@ -167,12 +153,12 @@ class VocabParallelLabelSmoothingFunction(torch.autograd.Function):
 
         table = _local_table(shard, owned, local_index, local_weight, acc_dtype, sparse)
         header = table.new_tensor([[n_local, class_offset, 0.0]])  # one more row: the slice
-        tables = _all_gather(torch.cat([table, header]), group)
+        tables = gather_from_ranks(torch.cat([table, header]), group)
         sizes, offsets = (tables[:, n_rows, i].long().tolist() for i in range(2))
         num_classes = sum(sizes)
 
         # Every rank sees the same tables and targets, so these raise on all ranks together
-        _check_slices(sizes, offsets)
+        check_slices(sizes, offsets)
         if num_classes < (2 if sparse else 1):
             raise ValueError(f"this loss needs at least {2 if sparse else 1} classes, got C={num_classes}")
         check_weight(weight, num_classes, shard.device)
@@ -226,6 +212,7 @@ def vocab_parallel_label_smoothing(
     class_offset: int | None = None,
     weight: torch.Tensor | None = None,
     validate_targets: bool | None = None,
+    check_ranks: bool | None = None,
 ) -> torch.Tensor:
     """Label smoothing over logits whose classes are split across the ranks of `group`; call it on
     every rank. Exact (`F.cross_entropy(full_logits, target, label_smoothing=smoothing)`) or SparseLSR
@@ -243,21 +230,83 @@ def vocab_parallel_label_smoothing(
         ignore_index: target value of elements that contribute 0 and leave the mean's denominator.
         sparse: SparseLSR (equation 15) instead of exact label smoothing.
         class_offset: the global index of this rank's first class. Given on every rank, it saves one
-            (tiny) collective; it is checked against the slices' sizes either way.
+            (tiny) collective where the ranks are not checked; it is checked against the slices'
+            sizes either way.
         weight: (C,) class weights of the whole vocabulary, the same on every rank, like target
             (exact smoothing only; they receive no gradient).
         validate_targets: check targets are in [0, C); default: on CPU only.
+        check_ranks: before the loss's own collectives, check that the ranks agree
+            (`lsr.parallel_checks`: one all_gather of a fixed-size fingerprint, read on the host);
+            default: on CPU only. The same value on every rank.
 
-    Bad input raises on every rank where every rank sees it (targets, smoothing, slices that do not
-    line up). One collective forward (two without class_offset), none backward; each reads a few
-    numbers back on the host (the slices' sizes). Differentiable once, as `lsr.fused`.
+    Bad input raises on every rank together: with `check_ranks`, also input that only some ranks
+    see (an argument one rank rejects, targets out of range on one rank) and ranks that disagree
+    (targets, smoothing, reduction, sparse, ignore_index, weights, N, dtype, class_offset given on
+    some ranks only), with a ValueError naming what differs and where. Without it, only bad input
+    every rank sees (the rest may hang, abort or give a wrong loss). One collective forward (two
+    without class_offset, or with check_ranks), none backward; each reads a few numbers back on
+    the host (the slices' sizes). Differentiable once, as `lsr.fused`.
     """
-    smoothing, reduction = check_smoothing(smoothing), check_reduction(reduction)
+    args, error = None, None
+    try:  # the local checks: with check_ranks, every rank learns whether they passed everywhere
+        args = _checked_arguments(
+            logits_shard, target, smoothing, reduction, ignore_index, sparse, class_offset, weight
+        )
+        args = dataclasses.replace(args, validate=_on_cpu_unless(validate_targets, args.rows.target.device))
+    except Exception as caught:  # noqa: BLE001 - raised below, on every rank where they are checked
+        error = caught
     if not dist.is_available() or not dist.is_initialized():
+        if error is not None:
+            raise error
         raise RuntimeError(
             "torch.distributed is not initialized: call torch.distributed.init_process_group first "
             "(torchrun sets up its environment)"
         )
+    device = args.rows.logits.device if args is not None else _fallback_device(logits_shard, target, group)
+    checked = _on_cpu_unless(check_ranks, device)
+    if checked:  # raises on every rank together, before any collective that depends on shapes
+        sizes = agree_across_ranks(args, error, group, device)
+        class_offset = sum(sizes[: dist.get_rank(group)])
+    elif error is not None:
+        raise error
+    rows = args.rows
+    return VocabParallelLabelSmoothingFunction.apply(
+        rows.logits.contiguous(),
+        rows.safe_target,
+        rows.valid,
+        rows.target,
+        args.weight,
+        args.smoothing,
+        args.sparse,
+        args.reduction,
+        ignore_index,
+        rows.out_shape,
+        class_offset,
+        group,
+        args.validate and not checked,  # checked ranks have validated their targets already
+    )
+
+
+def _on_cpu_unless(option: bool | None, device: torch.device) -> bool:
+    return device.type == "cpu" if option is None else bool(option)
+
+
+def _fallback_device(logits_shard, target, group) -> torch.device:
+    """Where a rank whose arguments were rejected puts its fingerprint: its tensors' device, else the
+    backend's (NCCL's is the current GPU)."""
+    for tensor in (logits_shard, target):
+        if isinstance(tensor, torch.Tensor):
+            return tensor.device
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _checked_arguments(
+    logits_shard, target, smoothing, reduction, ignore_index, sparse, class_offset, weight
+):
+    """The checks that need no other rank; raises on this rank alone."""
+    smoothing, reduction = check_smoothing(smoothing), check_reduction(reduction)
     if sparse and weight is not None:
         raise ValueError("SparseLSR has no class-weighted form: weight must be None with sparse=True")
     if class_offset is not None and (isinstance(class_offset, bool) or not isinstance(class_offset, int)):
@@ -279,23 +328,7 @@ def vocab_parallel_label_smoothing(
         if weight.requires_grad:
             raise ValueError("weight must not require grad: the fused losses give no gradient for it")
         weight = weight.to(compute_dtype(rows.logits.dtype)).contiguous()
-    if validate_targets is None:
-        validate_targets = rows.target.device.type == "cpu"
-    return VocabParallelLabelSmoothingFunction.apply(
-        rows.logits.contiguous(),
-        rows.safe_target,
-        rows.valid,
-        rows.target,
-        weight,
-        smoothing,
-        bool(sparse),
-        reduction,
-        ignore_index,
-        rows.out_shape,
-        class_offset,
-        group,
-        bool(validate_targets),
-    )
+    return RankArguments(rows, weight, smoothing, reduction, bool(sparse), ignore_index, class_offset, False)
 
 
 # --- module -------------------------------------------------------------------------------------------------
@@ -323,10 +356,11 @@ class VocabParallelLSRLoss(LabelSmoothingLoss):
         class_offset: int | None = None,
         weight: torch.Tensor | None = None,
         validate_targets: bool | None = None,
+        check_ranks: bool | None = None,
     ):
         super().__init__(smoothing, reduction, ignore_index)
         self.sparse, self.group, self.class_offset = sparse, group, class_offset
-        self.validate_targets = validate_targets
+        self.validate_targets, self.check_ranks = validate_targets, check_ranks
         self.register_buffer("weight", weight)
 
     def forward(self, logits_shard: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -341,6 +375,7 @@ class VocabParallelLSRLoss(LabelSmoothingLoss):
             class_offset=self.class_offset,
             weight=self.weight,
             validate_targets=self.validate_targets,
+            check_ranks=self.check_ranks,
         )
 
     def extra_repr(self) -> str:

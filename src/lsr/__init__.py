@@ -2,6 +2,7 @@
 
 from lsr.dense import LSRLoss, dense_label_smoothing
 from lsr.fused import FusedLSRLoss, FusedSparseLSRLoss, fused_label_smoothing, fused_sparse_label_smoothing
+from lsr.head import LinearLSRLoss, linear_label_smoothing
 from lsr.native import native_label_smoothing
 from lsr.peers import liger_label_smoothing, native_compiled_label_smoothing
 from lsr.reference import exact_reference, sparse_reference
@@ -16,6 +17,7 @@ __all__ = [
     "REGISTRY",
     "Implementation",
     "LSRLoss",
+    "LinearLSRLoss",
     "SparseLSRLoss",
     "available",
     "dense_label_smoothing",
@@ -23,6 +25,7 @@ __all__ = [
     "fused_label_smoothing",
     "fused_sparse_label_smoothing",
     "get",
+    "linear_label_smoothing",
     "liger_label_smoothing",
     "native_compiled_label_smoothing",
     "native_label_smoothing",

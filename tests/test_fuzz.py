@@ -122,3 +122,54 @@ def test_sparse_implementations_match_equation_15(problem):
             if not impl.accurate_near_certainty and confident and problem.logits.dtype != torch.float64:
                 continue  # eager equation 15's documented limit: test_sparse_error_on_confident_rows
             assert_agree(impl, problem, lsr.sparse_reference)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 12),
+    hidden=st.integers(1, 9),
+    classes=st.integers(2, 40),
+    chunk_rows=st.integers(1, 13),
+    smoothing=st.sampled_from([0.0, 0.05, 0.5, 1.0]),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    sparse=st.booleans(),
+    with_bias=st.booleans(),
+    ignore_fraction=st.sampled_from([0.0, 0.5]),
+    seed=st.integers(0, 2**16),
+)
+def test_lm_head_matches_the_float64_definition(
+    rows, hidden, classes, chunk_rows, smoothing, reduction, sparse, with_bias, ignore_fraction, seed
+):
+    """lsr.linear_label_smoothing against F.cross_entropy(F.linear(...)) (or equation 15 on those
+    logits) in float64: loss and the gradients of hidden, weight and bias, any chunking."""
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(rows, hidden, generator=gen, dtype=torch.float64)
+    w = torch.randn(classes, hidden, generator=gen, dtype=torch.float64)
+    b = torch.randn(classes, generator=gen, dtype=torch.float64) if with_bias else None
+    y = torch.randint(0, classes, (rows,), generator=gen)
+    y[torch.rand(rows, generator=gen) < ignore_fraction] = -100
+    leaves = [h, w] + ([b] if with_bias else [])
+
+    def grads(fn):
+        xs = [t.clone().requires_grad_(True) for t in leaves]
+        loss = fn(*xs)
+        loss.sum().backward()
+        return loss.detach(), [x.grad for x in xs]
+
+    def ours(h, w, b=None):
+        return lsr.linear_label_smoothing(
+            h, w, y, smoothing, bias=b, sparse=sparse, reduction=reduction, chunk_rows=chunk_rows
+        )
+
+    def reference(h, w, b=None):
+        logits = F.linear(h, w, b)
+        if sparse:
+            return lsr.sparse_reference(logits, y, smoothing, reduction)
+        return F.cross_entropy(logits, y, label_smoothing=smoothing, reduction=reduction)
+
+    loss, got = grads(ours)
+    ref_loss, want = grads(reference)
+    assume(bool(torch.isfinite(ref_loss).all()))  # a mean over no valid row is NaN in both
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=1e-9)
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)

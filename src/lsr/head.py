@@ -45,28 +45,40 @@ def _chunk_pass(hidden, lm_weight, bias, target, weight, scale, smoothing, spars
     n_rows = hidden.shape[0]
     acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     row_loss = torch.empty(n_rows, dtype=acc_dtype, device=hidden.device)
+    if grads is not None and n_rows == 0:
+        for grad in grads[1:]:
+            if grad is not None:
+                grad.zero_()
     for start in range(0, n_rows, chunk_rows):
         rows = slice(start, min(start + chunk_rows, n_rows))
         logits = torch.nn.functional.linear(hidden[rows], lm_weight, bias)  # R x V: the one alive
         row_loss[rows] = passes.forward_gradient(logits, target[rows], weight, scale[rows], smoothing, sparse)
         if grads is not None:
             d_hidden, d_weight, d_bias = grads
+            first = start == 0  # the accumulators start as the first chunk's terms: no zero fill
             torch.matmul(logits, lm_weight, out=d_hidden[rows])
             if d_weight.dtype == logits.dtype:
-                d_weight.addmm_(logits.t(), hidden[rows])
+                d_weight.addmm_(logits.t(), hidden[rows], beta=0.0 if first else 1.0)
             else:  # half weights: each chunk's V x H product in their dtype, summed in float32
-                d_weight += torch.mm(logits.t(), hidden[rows]).to(d_weight.dtype)
+                _accumulate(d_weight, torch.mm(logits.t(), hidden[rows]), first)
             if d_bias is not None:
-                d_bias += logits.sum(0, dtype=d_bias.dtype)
+                _accumulate(d_bias, logits.sum(0, dtype=d_bias.dtype), first)
         del logits
     return row_loss
+
+
+def _accumulate(total: torch.Tensor, term: torch.Tensor, first: bool) -> None:
+    if first:
+        total.copy_(term)
+    else:
+        total.add_(term)
 
 
 def _empty_grads(hidden, lm_weight, bias):
     """d_hidden in the hidden's dtype; d_lm_weight and d_bias accumulated in at least float32."""
     acc = torch.float64 if lm_weight.dtype == torch.float64 else torch.float32
-    d_weight = torch.zeros(lm_weight.shape, dtype=acc, device=lm_weight.device)
-    d_bias = None if bias is None else torch.zeros(bias.shape, dtype=acc, device=bias.device)
+    d_weight = torch.empty(lm_weight.shape, dtype=acc, device=lm_weight.device)  # set by the first chunk
+    d_bias = None if bias is None else torch.empty(bias.shape, dtype=acc, device=bias.device)
     return torch.empty_like(hidden), d_weight, d_bias
 
 
@@ -120,10 +132,13 @@ class LinearLabelSmoothingFunction(torch.autograd.Function):
             weight_dtype, bias_dtype = lm_weight.dtype, None if bias is None else bias.dtype
         else:
             d_hidden, d_weight, d_bias = ctx.saved_tensors
-            upstream = grad_output.to(d_weight.dtype)
-            d_hidden = d_hidden * upstream.to(d_hidden.dtype)
-            d_weight = d_weight * upstream
-            d_bias = None if d_bias is None else d_bias * upstream
+            # On CPU reading the upstream gradient costs nothing: where it is 1 (loss.backward()),
+            # skip three passes over the gradients; never in place (a second backward reuses them)
+            if grad_output.device.type != "cpu" or grad_output.item() != 1:
+                upstream = grad_output.to(d_weight.dtype)
+                d_hidden = d_hidden * upstream.to(d_hidden.dtype)
+                d_weight = d_weight * upstream
+                d_bias = None if d_bias is None else d_bias * upstream
             weight_dtype, bias_dtype = ctx.dtypes
         d_weight = d_weight.to(weight_dtype)
         d_bias = None if d_bias is None else d_bias.to(bias_dtype)

@@ -169,11 +169,18 @@ def reduce_rows(
 class LabelSmoothingLoss(torch.nn.Module):
     """Base of the loss modules: the arguments every loss takes, checked once at construction."""
 
-    def __init__(self, smoothing: float = 0.0, reduction: str = "mean", ignore_index: int = -100):
+    def __init__(
+        self,
+        smoothing: float = 0.0,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        weight: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.smoothing = check_smoothing(smoothing)
         self.reduction = check_reduction(reduction)
         self.ignore_index = ignore_index
+        self.register_buffer("weight", weight)  # class weights, where the loss takes them: follows .to()
 
     def extra_repr(self) -> str:
         return f"smoothing={self.smoothing}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"

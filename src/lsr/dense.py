@@ -93,8 +93,7 @@ class LSRLoss(LabelSmoothingLoss):
         ignore_index: int = -100,
         weight: torch.Tensor | None = None,
     ):
-        super().__init__(smoothing, reduction, ignore_index)
-        self.register_buffer("weight", weight)
+        super().__init__(smoothing, reduction, ignore_index, weight)
 
     def forward(self, y_pred: torch.Tensor, y_target: torch.Tensor) -> torch.Tensor:
         return dense_label_smoothing(

@@ -24,8 +24,16 @@ from __future__ import annotations
 
 import torch
 
-from lsr._common import LabelSmoothingLoss, check_reduction, check_smoothing, check_targets, check_weight
+from lsr._common import (
+    LabelSmoothingLoss,
+    check_reduction,
+    check_smoothing,
+    check_targets,
+    check_weight,
+    compute_dtype,
+)
 from lsr.fused import passes
+from lsr.fused.algebra import in_range, mean_denominator, reduce_rows, row_upstream
 
 CHUNK_BYTES = 256 * 2**20  # the default chunk's logits (in float32): a few hundred MB, not N x V
 
@@ -43,8 +51,7 @@ def _chunk_pass(hidden, lm_weight, bias, target, weight, scale, smoothing, spars
     """Row losses (unscaled, in the compute dtype) of every chunk; where `grads` is given as
     (d_hidden, d_weight, d_bias or None), the gradients of sum_i scale_i loss_i accumulated into it."""
     n_rows = hidden.shape[0]
-    acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    row_loss = torch.empty(n_rows, dtype=acc_dtype, device=hidden.device)
+    row_loss = torch.empty(n_rows, dtype=compute_dtype(hidden.dtype), device=hidden.device)
     if grads is not None and n_rows == 0:
         for grad in grads[1:]:
             if grad is not None:
@@ -76,40 +83,36 @@ def _accumulate(total: torch.Tensor, term: torch.Tensor, first: bool) -> None:
 
 def _empty_grads(hidden, lm_weight, bias):
     """d_hidden in the hidden's dtype; d_lm_weight and d_bias accumulated in at least float32."""
-    acc = torch.float64 if lm_weight.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(lm_weight.dtype)
     d_weight = torch.empty(lm_weight.shape, dtype=acc, device=lm_weight.device)  # set by the first chunk
     d_bias = None if bias is None else torch.empty(bias.shape, dtype=acc, device=bias.device)
     return torch.empty_like(hidden), d_weight, d_bias
 
 
 class LinearLabelSmoothingFunction(torch.autograd.Function):
-    """(N, H) hidden, (V, H) lm_weight, (V,) bias or None -> the reduced loss (see the module)."""
+    """(N, H) hidden, (V, H) lm_weight, (V,) bias or None -> the reduced loss (see the module). The
+    per-row algebra around the chunks is the fused losses' (`lsr.fused.algebra`): ignored rows 0,
+    a target outside [0, V) a NaN row (never read), the mean over F.cross_entropy's denominator."""
 
     @staticmethod
     def forward(
         ctx, hidden, lm_weight, bias, target, valid, weight, smoothing, sparse, reduction, chunk_rows
     ):
-        acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        safe = torch.where(valid, target, 0)
-        w_y = None if weight is None else weight[safe]
-        if reduction == "mean":
-            denominator = valid.sum().to(acc_dtype) if w_y is None else torch.where(valid, w_y, 0.0).sum()
-            denominator = torch.where(denominator == 0, float("nan"), denominator)  # as F.cross_entropy
-            scale = torch.where(valid, 1 / denominator, 0.0)
-        else:
-            denominator, scale = None, valid.to(acc_dtype)
+        acc_dtype = compute_dtype(hidden.dtype)
+        target_ok, index = in_range(target, lm_weight.shape[0])
+        w_y = None if weight is None else weight[index]
+        denominator = mean_denominator(valid, w_y, acc_dtype) if reduction == "mean" else None
+        # Each row's share of a backward of 1; "none" learns its rows' upstream gradients in backward
+        scale = row_upstream(torch.ones((), dtype=acc_dtype), reduction, denominator, valid, target_ok)
         wants_grad = reduction != "none" and any(ctx.needs_input_grad[:3])
         grads = _empty_grads(hidden, lm_weight, bias) if wants_grad else None
         row_loss = _chunk_pass(
-            hidden, lm_weight, bias, safe, weight, scale, smoothing, sparse, chunk_rows, grads
+            hidden, lm_weight, bias, index, weight, scale, smoothing, sparse, chunk_rows, grads
         )
-        row_loss = torch.where(valid, row_loss, 0.0)  # exact smoothing's already carries the class weights
-        loss = row_loss if reduction == "none" else row_loss.sum()
-        if reduction == "mean":
-            loss = loss / denominator
+        loss = reduce_rows(row_loss, valid, target_ok, reduction, valid.shape, denominator)
         ctx.reduction, ctx.smoothing, ctx.sparse, ctx.chunk_rows = reduction, smoothing, sparse, chunk_rows
         if reduction == "none":
-            ctx.save_for_backward(hidden, lm_weight, bias, safe, valid, weight)
+            ctx.save_for_backward(hidden, lm_weight, bias, index, valid, target_ok, weight)
         else:
             d_hidden, d_weight, d_bias = grads if grads is not None else (None, None, None)
             ctx.save_for_backward(d_hidden, d_weight, d_bias)
@@ -121,12 +124,21 @@ class LinearLabelSmoothingFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError("linear_label_smoothing has no double backward: its gradient is a closed form")
         if ctx.reduction == "none":  # recompute the chunks with each row's upstream gradient as its share
-            hidden, lm_weight, bias, safe, valid, weight = ctx.saved_tensors
-            acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-            scale = torch.where(valid, grad_output.reshape(-1).to(acc_dtype), 0.0)
+            hidden, lm_weight, bias, index, valid, target_ok, weight = ctx.saved_tensors
+            upstream = grad_output.to(compute_dtype(hidden.dtype))
+            scale = row_upstream(upstream, "none", None, valid, target_ok)
             grads = _empty_grads(hidden, lm_weight, bias)
             _chunk_pass(
-                hidden, lm_weight, bias, safe, weight, scale, ctx.smoothing, ctx.sparse, ctx.chunk_rows, grads
+                hidden,
+                lm_weight,
+                bias,
+                index,
+                weight,
+                scale,
+                ctx.smoothing,
+                ctx.sparse,
+                ctx.chunk_rows,
+                grads,
             )
             d_hidden, d_weight, d_bias = grads
             weight_dtype, bias_dtype = lm_weight.dtype, None if bias is None else bias.dtype
@@ -208,7 +220,7 @@ def linear_label_smoothing(
     flat = target.reshape(-1).long()
     valid = flat != ignore_index
     if weight is not None:
-        weight = weight.to(torch.float64 if hidden.dtype == torch.float64 else torch.float32).contiguous()
+        weight = weight.to(compute_dtype(hidden.dtype)).contiguous()
     loss = LinearLabelSmoothingFunction.apply(
         hidden2d,
         lm_weight.contiguous(),
@@ -243,9 +255,8 @@ class LinearLSRLoss(LabelSmoothingLoss):
         sparse: bool = False,
         chunk_rows: int | None = None,
     ):
-        super().__init__(smoothing, reduction, ignore_index)
+        super().__init__(smoothing, reduction, ignore_index, weight)
         self.sparse, self.chunk_rows = sparse, chunk_rows
-        self.register_buffer("weight", weight)
 
     def forward(
         self,

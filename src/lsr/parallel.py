@@ -358,10 +358,9 @@ class VocabParallelLSRLoss(LabelSmoothingLoss):
         validate_targets: bool | None = None,
         check_ranks: bool | None = None,
     ):
-        super().__init__(smoothing, reduction, ignore_index)
+        super().__init__(smoothing, reduction, ignore_index, weight)
         self.sparse, self.group, self.class_offset = sparse, group, class_offset
         self.validate_targets, self.check_ranks = validate_targets, check_ranks
-        self.register_buffer("weight", weight)
 
     def forward(self, logits_shard: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return vocab_parallel_label_smoothing(

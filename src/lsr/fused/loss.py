@@ -247,13 +247,12 @@ class FusedLSRLoss(LabelSmoothingLoss):
         validate_targets: bool | None = None,
         gradient_in_forward: bool = False,
     ):
-        super().__init__(smoothing, reduction, ignore_index)
+        super().__init__(smoothing, reduction, ignore_index, weight)
         if inplace_backward and gradient_in_forward:  # the same refusal as the functions', at construction
             _fused_options_conflict()
         self.inplace_backward = inplace_backward
         self.validate_targets = validate_targets
         self.gradient_in_forward = gradient_in_forward
-        self.register_buffer("weight", weight)
         if gradient_in_forward:
             from lsr.fused import onepass_cpu
 

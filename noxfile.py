@@ -19,7 +19,7 @@ def tests(session: nox.Session) -> None:
     """The test suite; Triton kernels (lsr's and Liger-Kernel's, the `peers` extra) run on CPU under
     TRITON_INTERPRET=1."""
     session.install(*PINNED, "-e", ".[tests,triton,benchmarking,experiments,peers]")
-    session.run("pytest", *(session.posargs or ["-q"]), env={"TRITON_INTERPRET": "1", "LSR_ONEPASS_CPP": "1"})
+    session.run("pytest", *(session.posargs or ["-q"]), env={"TRITON_INTERPRET": "1", "LSR_CPP": "1"})
 
 
 @nox.session

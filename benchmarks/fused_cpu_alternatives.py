@@ -1,6 +1,6 @@
 """The CPU alternatives for the fused losses, side by side: `python benchmarks/fused_cpu_alternatives.py`.
 
-Forward+backward (`torch.autograd.grad` of a fresh loss, mean reduction, smoothing 0.1, fp32) of
+Forward+backward (`torch.autograd.grad` of a fresh loss, mean reduction, smoothing 0.1, `--dtype`) of
 each variant, against `torch.exp(z, out=buf)` (the floor: read S, write S, one exp per logit) and
 `torch.exp(z)` (the same into a new tensor, as any out-of-place gradient is), all timed in one run
 with the benchmark's own core (`lsr.bench.measure.time_pass`, all threads). Variants are
@@ -35,10 +35,12 @@ def native(x: torch.Tensor, y: torch.Tensor, smoothing: float, reduction: str) -
     return F.cross_entropy(x, y, label_smoothing=smoothing, reduction=reduction)
 
 
-def variants(n_rows: int, n_cols: int, block_elements: int) -> dict[str, Callable[[], object]]:
+def variants(
+    n_rows: int, n_cols: int, block_elements: int, dtype: torch.dtype
+) -> dict[str, Callable[[], object]]:
     """Every variant as a call without arguments, over one set of random logits (never zeros)."""
     gen = torch.Generator().manual_seed(0)
-    z = (torch.randn(n_rows, n_cols, generator=gen) * 2).requires_grad_(True)
+    z = (torch.randn(n_rows, n_cols, generator=gen) * 2).to(dtype).requires_grad_(True)
     # A non-leaf, as a layer's output is (in-place losses refuse leaves); holds gradients after a call.
     z_inplace = z.detach().clone().requires_grad_(True).clone()
     t = torch.randint(0, n_cols, (n_rows,), generator=gen)
@@ -63,6 +65,14 @@ def variants(n_rows: int, n_cols: int, block_elements: int) -> dict[str, Callabl
         FLOOR: floor,
         "exp(z) (new tensor)": floor_new_tensor,
         NATIVE: fwd_bwd(native),
+        "fused-exact cpp": fwd_bwd(fused_label_smoothing, backend="cpp"),
+        "fused-exact cpp inplace": fwd_bwd(
+            fused_label_smoothing, x=z_inplace, backend="cpp", inplace_backward=True
+        ),
+        "fused-exact cpp one-pass": fwd_bwd(
+            fused_label_smoothing, x=z_inplace, backend="cpp", gradient_in_forward=True
+        ),
+        "fused-sparse cpp": fwd_bwd(fused_sparse_label_smoothing, backend="cpp"),
         "fused-exact compile": fwd_bwd(fused_label_smoothing, backend="compile"),
         "fused-exact compile inplace": fwd_bwd(
             fused_label_smoothing, x=z_inplace, backend="compile", inplace_backward=True
@@ -74,10 +84,14 @@ def variants(n_rows: int, n_cols: int, block_elements: int) -> dict[str, Callabl
     }
 
 
-def measure(n_rows: int, n_cols: int, rounds: int, min_time: float, block_elements: int, skip) -> str:
+def measure(
+    n_rows: int, n_cols: int, rounds: int, min_time: float, block_elements: int, skip, dtype: torch.dtype
+) -> str:
     """One size: every variant timed `rounds` times, interleaved; a table of medians and ratios."""
     chosen = {
-        k: v for k, v in variants(n_rows, n_cols, block_elements).items() if not any(s in k for s in skip)
+        k: v
+        for k, v in variants(n_rows, n_cols, block_elements, dtype).items()
+        if not any(s in k for s in skip)
     }
     first_call = {}
     for name, fn in chosen.items():  # compilation and warm-up, reported, never timed
@@ -88,7 +102,7 @@ def measure(n_rows: int, n_cols: int, rounds: int, min_time: float, block_elemen
     for _ in range(rounds):
         for name, fn in chosen.items():
             by_round[name].append(time_pass(fn, min_time=min_time))
-    grad_bytes = n_rows * n_cols * 4
+    grad_bytes = n_rows * n_cols * dtype.itemsize
 
     def per_round_ratio(a: str, b: str) -> str:
         if a not in by_round or b not in by_round:
@@ -122,14 +136,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds of timed calls per sample set")
     parser.add_argument("--block-elements", type=int, default=DEFAULT_BLOCK, help="eager path's block size")
     parser.add_argument("--skip", default="", help="comma-separated substrings of variant names to skip")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
     skip = tuple(s for s in args.skip.split(",") if s)
     env = environment("cpu")
     print(f"{env['cpu_model']} ({env['vector_isa']}), {env['threads']} threads, torch {env['torch_version']}")
     for size in args.sizes.split(","):
         n_rows, n_cols = (int(v) for v in size.lower().split("x"))
-        print(f"\n{n_rows} x {n_cols} float32")
-        print(measure(n_rows, n_cols, args.rounds, args.min_time, args.block_elements, skip))
+        print(f"\n{n_rows} x {n_cols} {args.dtype}")
+        print(measure(n_rows, n_cols, args.rounds, args.min_time, args.block_elements, skip, dtype))
 
 
 if __name__ == "__main__":

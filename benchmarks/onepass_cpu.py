@@ -2,7 +2,7 @@
 
 Per size (float32, smoothing 0.1, all threads), side by side in one run:
 - the floor `torch.exp(z, out=buf)`: read S, write S, one exp per logit;
-- `lsr.fused.onepass_cpu.forward_gradient`, exact and SparseLSR: loss and gradient over the logits
+- `lsr.fused.cpu.forward_gradient` (the C++ kernel), exact and SparseLSR: loss and gradient over the logits
   in one call (the whole forward+backward of the one-pass mode, less its O(N) algebra);
 - the existing fused exact loss with `inplace_backward=True`, forward+backward (two passes).
 Each call is timed alone with perf_counter; the logits it overwrites are restored from a copy
@@ -26,7 +26,7 @@ import torch
 
 from lsr.bench.measure.machine import environment
 from lsr.bench.report.tables import format_table
-from lsr.fused import fused_label_smoothing, onepass_cpu
+from lsr.fused import cpp, cpu, cpu_options, fused_label_smoothing
 
 SMOOTHING = 0.1
 FLOOR = "floor exp(z, out=buf)"
@@ -55,8 +55,8 @@ def variants(
 
     def onepass(sparse: bool, backend: str):
         def call():
-            with onepass_cpu.backend_options(backend):
-                return onepass_cpu.forward_gradient(work, target, None, scale, SMOOTHING, sparse)
+            with cpu_options(backend):
+                return cpu.forward_gradient(work, target, None, scale, SMOOTHING, sparse)
 
         return call
 
@@ -74,7 +74,7 @@ def variants(
         "fused-exact inplace fwd+bwd": (restore_inplace, fused_inplace),
     }
     if fallback:
-        chosen["onepass exact (PyTorch fallback)"] = (restore, onepass(False, "torch"))
+        chosen["onepass exact (PyTorch fallback)"] = (restore, onepass(False, "eager"))
     return chosen
 
 
@@ -133,9 +133,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(1)
         clock = time.thread_time
     env = environment("cpu")
-    onepass_cpu.extension()  # build (or load) outside any timing
+    cpp.extension()  # build (or load) outside any timing
     print(
-        f"{env['cpu_model']} (vector ISA {env['vector_isa']}; kernel built for {onepass_cpu.isa()}), "
+        f"{env['cpu_model']} (vector ISA {env['vector_isa']}; kernel built for {cpp.isa()}), "
         f"{torch.get_num_threads()} threads, torch {env['torch_version']}, "
         f"{'CPU time of one thread' if args.cpu_time else 'wall-clock'}, load average {os.getloadavg()[0]:.1f}"
     )

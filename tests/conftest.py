@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lsr
-from lsr.fused import cpu_options
+from lsr.fused import cpp, cpu_options
 
 # The Ctrl-C tests send SIGINT to real processes. A shell that starts the suite in the background
 # ignores SIGINT, and the ignore is inherited across exec: restore Python's handler, so that this
@@ -27,9 +27,9 @@ TRITON_INTERPRETER = (
     importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1"
 )
 
-# The ways lsr.fused runs on CPU: chunked eager PyTorch, inductor-compiled, and the Triton kernels
-# (interpreted; small blocks so that rows of a few dozen classes take the multi-block paths).
-CPU_BACKENDS = ["eager", "compile", "triton"]
+# The ways lsr.fused runs on CPU: the C++ kernels, chunked eager PyTorch, inductor-compiled, and the
+# Triton kernels (interpreted; small blocks so that rows of a few dozen classes take the multi-block paths).
+CPU_BACKENDS = ["cpp", "eager", "compile", "triton"]
 
 # The devices the loss tests run on: the CPU always, CUDA where present. On CUDA the fused losses run
 # their compiled Triton kernels, so run there with TRITON_INTERPRET=0 (benchmarks/gpu/run.sh does):
@@ -65,6 +65,8 @@ def impl(request) -> lsr.Implementation:
 def backend(request, monkeypatch):
     """Run the fused losses with `request.param` (parametrise indirectly over CPU_BACKENDS)."""
     name = request.param
+    if name == "cpp" and cpp.build_problem() is not None:
+        pytest.skip(f"the C++ kernels cannot be built here: {cpp.build_problem()}")
     if name == "triton":
         if not TRITON_INTERPRETER:
             pytest.skip("the Triton backend needs Triton and TRITON_INTERPRET=1 before it is imported")

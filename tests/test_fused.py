@@ -273,7 +273,10 @@ def test_forward_mode_ad_names_the_limit():
 # --- the CPU path's choices, in-place details -----------------------------------------------------------
 
 
-def test_auto_backend_compiles_only_large_inputs():
+def test_auto_backend_takes_the_cpp_kernels_else_compiles_only_large_inputs(monkeypatch):
+    if cpu.cpp.build_problem() is None:
+        assert cpu.cpu_backend(1) == "cpp"
+    monkeypatch.setattr(cpu.cpp, "available", lambda: False)
     assert cpu.cpu_backend(cpu.COMPILE_MIN_ELEMENTS - 1) == "eager"
     assert cpu.cpu_backend(cpu.COMPILE_MIN_ELEMENTS) in ("compile", "eager")  # eager without a C++ compiler
     with pytest.raises(ValueError, match="backend"):

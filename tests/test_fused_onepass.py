@@ -1,6 +1,6 @@
 """The one-pass mode (gradient_in_forward=True) of lsr.fused, on its three paths.
 
-"cpp" and "torch" are onepass_cpu's two backends (the C++ kernel, plain PyTorch over row blocks);
+"cpp" and "eager" are its CPU backends (the C++ kernel, plain PyTorch over row blocks);
 "triton" is triton_kernels.forward_gradient on CPU tensors under the Triton interpreter, with
 16-column blocks so that rows of a few dozen classes take the multi-block paths. Row losses the
 kernels allocate with torch.empty are poisoned with NaN first (fixture `poisoned_empty`); the
@@ -23,12 +23,12 @@ from lsr.fused import (
     cpu_options,
     fused_label_smoothing,
     fused_sparse_label_smoothing,
-    onepass_cpu,
 )
+from lsr.fused import cpp as cpp_kernels
 from lsr.reference import exact_reference, sparse_reference
 from test_fused import check_nan_rows_for_bad_targets
 
-PATHS = ["cpp", "torch", "triton"]
+PATHS = ["cpp", "eager", "triton"]
 
 
 @pytest.fixture
@@ -45,9 +45,9 @@ def path(request, monkeypatch):
         with cpu_options("triton"):
             yield name
         return
-    if name == "cpp" and onepass_cpu.build_problem() is not None:
-        pytest.skip(f"the one-pass C++ kernel cannot be built here: {onepass_cpu.build_problem()}")
-    with onepass_cpu.backend_options(name):
+    if name == "cpp" and cpp_kernels.build_problem() is not None:
+        pytest.skip(f"the C++ kernels cannot be built here: {cpp_kernels.build_problem()}")
+    with cpu_options(name, eager_block_elements=64 if name == "eager" else None):
         yield name
 
 
@@ -212,7 +212,7 @@ def test_the_forward_pass_leaves_the_gradient_in_the_logits(path, sparse):
     torch.testing.assert_close(h.detach().double(), expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("path", ["torch"], indirect=True)
+@pytest.mark.parametrize("path", ["eager"], indirect=True)
 def test_inputs_copied_into_rows_are_not_overwritten(path):
     """(N, C, d) and non-contiguous (N, C) logits are copied into rows first: the copy is overwritten."""
     fn, ref = onepass_and_reference(False)

@@ -2,7 +2,7 @@
 
 One read of the logits forward (lse, sum of z, z_y per row), one read and one write backward; only
 O(N) state is kept between them. Triton kernels on CUDA (Triton is optional and imported lazily),
-compiled PyTorch on CPU. `gradient_in_forward=True` (the one-pass mode) computes the gradient in the
+C++ kernels on CPU (compiled or chunked PyTorch where no compiler is at hand). `gradient_in_forward=True` (the one-pass mode) computes the gradient in the
 forward pass instead and writes it over the logits. The math is in `lsr.fused.algebra`; measurements
 and caveats in docs/fused.md.
 
@@ -11,7 +11,7 @@ The modules, from the public API down:
     autograd     the autograd Functions: two-pass, and one-pass (gradient_in_forward=True)
     algebra      the math, and the per-row algebra, O(N)
     passes       the passes over the logits, on the backend that runs them
-    triton_kernels, cpu, onepass_cpu   the backends: Triton; PyTorch on CPU; the one-pass C++ kernel
+    triton_kernels, cpu, cpp   the backends: Triton; CPU (cpu.py decides); the C++ kernels on CPU
 
 Example:
     >>> import torch

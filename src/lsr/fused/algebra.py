@@ -36,7 +36,7 @@ The one-pass mode (gradient_in_forward=True). The forward pass knows each row's 
 s for a backward of 1 before it reads the logits (1/denominator for "mean", 1 for "sum" and "none",
 0 for an ignored row, NaN for a target outside [0, C)), so it can write the gradient of
 sum_i s_i L_i over the logits while each row is at hand, and keep nothing else. Its kernels,
-`triton_kernels.forward_gradient` and `onepass_cpu.forward_gradient`, follow this contract:
+`triton_kernels.forward_gradient` and `cpp.forward_gradient` (or `cpu.forward_gradient`), follow this contract:
 (M, C) logits, (M,) targets in [0, C), weights or None and s (`scale`) in the compute dtype -> (M,)
 row losses L (unscaled), the logits overwritten with g = s dL/dz: the formulas above, with
 p_k = e_k / S and e_k = exp(z_k - m) computed once per logit:

@@ -1,20 +1,23 @@
-"""The two passes of the fused losses in plain PyTorch: the CPU path, and the fallback on any device.
+"""The passes of the fused losses on CPU, and their plain-PyTorch versions (the fallback on any device).
 
-`row_stats` and `gradient` compute what the Triton kernels in `triton_kernels.py` compute, except
-the target column of the gradient, which `passes.gradient` writes afterwards from saved O(N) values
-(inside the pass it costs a vectorised int64 compare per element: measured 1.5x slower; SparseLSR's
-statistics pay that compare, to sum 1 - p_y from the non-target terms). Written
-as whole-tensor expressions they would build N x C temporaries; two ways keep those out:
+Where a C++ compiler and ninja are at hand, the C++ kernels (`cpp.py`, csrc/fused.cpp) run every
+pass: `row_stats`, `gradient` (new memory or in place) and the one-pass `forward_gradient`. Without
+them, the same math as PyTorch expressions; written over whole tensors they would build N x C
+temporaries, and two ways keep those out:
 
-- "compile": inductor fuses each pass into one vectorised C++ loop nest over rows (OpenMP), with
-  shapes marked dynamic, so there is one compilation per dtype and weighting, not one per shape.
-- "eager": the same expressions over blocks of rows, so temporaries stay O(EAGER_BLOCK_ELEMENTS).
+- "compile": inductor fuses each two-pass pass into one vectorised C++ loop nest over rows (OpenMP),
+  with shapes marked dynamic, so there is one compilation per dtype and weighting, not one per shape;
+- "eager": the expressions over blocks of rows, so temporaries stay O(EAGER_BLOCK_ELEMENTS).
 
-"auto" (the default) compiles inputs of at least COMPILE_MIN_ELEMENTS logits when a C++ compiler is
-on PATH, and runs smaller ones eagerly: below that size compiling does not pay for itself.
-docs/fused.md has the measurements behind these choices (benchmarks/fused_cpu_alternatives.py
-measures them again); `cpu_options` changes the backend and block size for a `with` block. Inside
-a user's `torch.compile` region the plain expressions are traced into the user's graph instead.
+"auto" (the default) takes "cpp" where the kernels build; otherwise it compiles inputs of at least
+COMPILE_MIN_ELEMENTS logits when a C++ compiler is on PATH and runs smaller ones eagerly (below that
+size compiling does not pay for itself). The one-pass mode has no compiled version: "compile" runs it
+eagerly. The plain expressions compute the target column of the gradient afterwards
+(`passes.gradient` writes it from saved O(N) values; inside the pass it costs a vectorised int64
+compare per element). docs/fused.md has the measurements behind these choices
+(benchmarks/fused_cpu_alternatives.py measures them again); `cpu_options` changes the backend and
+block size for a `with` block. Inside a user's `torch.compile` region the C++ ops are called as graph
+nodes where they were loaded before the trace, else the plain expressions are traced into the graph.
 """
 
 from __future__ import annotations
@@ -27,17 +30,21 @@ from collections.abc import Iterator
 
 import torch
 
+from lsr.fused import cpp
+from lsr.fused.algebra import exact_rows, sparse_rows
+
 COMPILE_MIN_ELEMENTS = 1 << 18
 EAGER_BLOCK_ELEMENTS = 1 << 16
-BACKENDS = ("auto", "compile", "eager", "triton")
+BACKENDS = ("auto", "cpp", "compile", "eager", "triton")
 _backend = "auto"
 
 
 def set_cpu_backend(name: str) -> str:
     """Choose how the fused losses run on CPU; returns the previous choice.
 
-    "auto" (default), "compile", "eager", or "triton": the Triton kernels on CPU tensors, which only
-    the Triton interpreter can run (TRITON_INTERPRET=1 set before Triton is imported; for tests).
+    "auto" (default), "cpp", "compile", "eager", or "triton": the Triton kernels on CPU tensors,
+    which only the Triton interpreter can run (TRITON_INTERPRET=1 set before Triton is imported; for
+    tests).
 
     Example:
         >>> previous = set_cpu_backend("eager")
@@ -47,6 +54,8 @@ def set_cpu_backend(name: str) -> str:
     global _backend
     if name not in BACKENDS:
         raise ValueError(f"CPU backend must be one of {BACKENDS}, got {name!r}")
+    if name == "cpp" and not cpp.available():
+        raise ValueError(f"the 'cpp' CPU backend is unavailable here: {cpp.build_problem()}")
     if name == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("the 'triton' CPU backend needs the Triton interpreter: set TRITON_INTERPRET=1")
     previous, _backend = _backend, name
@@ -83,6 +92,8 @@ def cpu_backend(num_elements: int) -> str:
     """The backend that runs an input of `num_elements` logits on CPU now."""
     if _backend != "auto":
         return _backend
+    if cpp.available():
+        return "cpp"
     return "compile" if num_elements >= COMPILE_MIN_ELEMENTS and cxx_compiler_available() else "eager"
 
 
@@ -161,13 +172,17 @@ def row_stats(
 ) -> RowStats:
     """(M, C) contiguous logits, (M,) int64 targets -> lse, z_y, dot (exact) and 1 - p_y (sparse).
 
-    A target outside [0, C) raises here (PyTorch's bounds check, run eagerly), except on the plain
-    path (traced into a compiled graph, or on a GPU without Triton), where a failed bounds check
-    aborts the process or the device: there it reads class 0, and the row is made NaN (`algebra`).
+    A target outside [0, C) raises here (PyTorch's bounds check, run eagerly), except in a compiled
+    graph or on a GPU without Triton, where a failed bounds check aborts the process or the device:
+    there it reads class 0, and the row is made NaN (`algebra`).
     """
     backend = _backend_for(logits)
-    index = target.clamp(0, logits.shape[1] - 1) if backend == "plain" else target
-    z_y = logits.gather(1, index.unsqueeze(1)).squeeze(1).to(acc_dtype)
+    traced = backend == "plain" or torch.compiler.is_compiling()
+    index = target.clamp(0, logits.shape[1] - 1) if traced else target
+    z_y = logits.gather(1, index.unsqueeze(1)).squeeze(1).to(acc_dtype)  # raises for a bad target, eagerly
+    if backend == "cpp":
+        lse, third = cpp.row_stats(logits, index, weight, sparse)
+        return (lse, z_y, None, third) if sparse else (lse, z_y, third, None)
     if backend == "compile":
         stats = _compiled(_row_stats)(logits, target, weight, acc_dtype, sparse)
     elif backend == "plain":
@@ -181,30 +196,89 @@ def row_stats(
 
 def gradient(
     logits: torch.Tensor,
-    weight: torch.Tensor | None,
+    index: torch.Tensor,
+    weight: Weight,
     lse: torch.Tensor,
     p: torch.Tensor,
     r: torch.Tensor,
+    t: torch.Tensor,
     inplace: bool,
 ) -> torch.Tensor:
-    """p exp(z - lse) - r w for every logit, in a new tensor or (inplace) over the logits."""
-    fn = _gradient_into_logits if inplace else _gradient
+    """p exp(z - lse) - r w for every logit and t at column `index` (targets, in range), per row;
+    in a new tensor or (inplace) over the logits."""
     backend = _backend_for(logits)
+    if backend == "cpp" and not (inplace and torch.compiler.is_compiling()):
+        # (in a trace, `out` aliasing the logits would be a write through an input it says it only reads)
+        return cpp.gradient(
+            logits, index, weight, lse, p, r, t, out=logits if inplace else torch.empty_like(logits)
+        )
+    fn = _gradient_into_logits if inplace else _gradient
     if backend == "compile":
-        return _compiled(fn)(logits, weight, lse, p, r)
+        grad = _compiled(fn)(logits, weight, lse, p, r)
+    elif backend in ("plain", "cpp"):
+        grad = fn(logits, weight, lse, p, r)
+    else:
+        grad = logits if inplace else torch.empty_like(logits)
+        for rows in _row_blocks(logits):
+            grad[rows] = _gradient(logits[rows], weight, lse[rows], p[rows], r[rows])
+    return grad.scatter_(1, index.unsqueeze(1), t.to(grad.dtype).unsqueeze(1))
+
+
+def forward_gradient(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: Weight,
+    scale: torch.Tensor,
+    smoothing: float,
+    sparse: bool,
+) -> torch.Tensor:
+    """The one-pass contract (`algebra`): (M,) row losses, the gradient of sum_i scale_i L_i written
+    over the (M, C) contiguous logits; targets in [0, C) (the caller validates)."""
+    backend = _backend_for(logits)
+    if backend == "cpp":
+        return cpp.forward_gradient(logits, target, weight, scale, smoothing, sparse)
     if backend == "plain":
-        return fn(logits, weight, lse, p, r)
-    grad = logits if inplace else torch.empty_like(logits)
+        return _forward_gradient_rows(logits, target, weight, scale, smoothing, sparse)
+    row_loss = torch.empty(logits.shape[0], dtype=scale.dtype, device=logits.device)
     for rows in _row_blocks(logits):
-        grad[rows] = _gradient(logits[rows], weight, lse[rows], p[rows], r[rows])
-    return grad
+        row_loss[rows] = _forward_gradient_rows(
+            logits[rows], target[rows], weight, scale[rows], smoothing, sparse
+        )
+    return row_loss
+
+
+def _forward_gradient_rows(logits, target, weight, scale, smoothing, sparse):
+    """`forward_gradient` on a block of rows, as whole-tensor expressions (temporaries of its size)."""
+    num_classes = logits.shape[1]
+    z = logits.to(scale.dtype)
+    index = target.unsqueeze(1)
+    e, total, lse = exp_and_lse(z)
+    z_y = z.gather(1, index).squeeze(1)
+    if sparse:
+        one_minus_p_y = e.scatter(1, index, 0.0).sum(dim=1) / total  # the non-target terms
+        row_loss, alpha, gamma, tau = sparse_rows(lse, z_y, one_minus_p_y, smoothing, num_classes)
+    else:
+        w_y = None if weight is None else weight[target]
+        # exact_rows reads dot only where eps > 0: no N x C pass for it otherwise
+        dot = (z if weight is None else z * weight).sum(dim=1) if smoothing > 0 else None
+        row_loss, alpha, gamma, tau = exact_rows(lse, dot, z_y, w_y, weight, smoothing, num_classes)
+    s = scale
+    # s alpha p_k - s gamma w_k from e, not exp(z - lse): one exp per logit
+    grad = (s * alpha / total).unsqueeze(1) * e
+    if gamma != 0:  # 0 for SparseLSR and at eps = 0: skip an N x C pass
+        grad = grad - (s * gamma).unsqueeze(1) * (1.0 if weight is None else weight)
+    grad = grad.scatter(1, index, (s * tau).unsqueeze(1))
+    logits.copy_(grad)
+    return row_loss
 
 
 def _backend_for(logits: torch.Tensor) -> str:
-    if torch.compiler.is_compiling():
-        return "plain"  # traced into the caller's graph, which inductor fuses anyway
     if logits.device.type != "cpu":
         return "plain"  # a GPU without Triton: correct, not fused (N x C temporaries)
+    if torch.compiler.is_compiling():
+        # In the caller's graph: the C++ ops as nodes where they were loaded before the trace, else
+        # the plain expressions, which inductor fuses anyway
+        return "cpp" if _backend in ("auto", "cpp") and cpp.available() else "plain"
     if logits.numel() == 0:
         return "plain"
     return cpu_backend(logits.numel())

@@ -16,6 +16,7 @@ from lsr._common import (
     check_weight,
     compute_dtype,
 )
+from lsr.fused import cpu
 from lsr.fused.autograd import NO_FORWARD_AD, FusedLabelSmoothingFunction, FusedOnePassFunction
 
 # --- functional API ------------------------------------------------------------------------------------
@@ -253,11 +254,8 @@ class FusedLSRLoss(LabelSmoothingLoss):
         self.inplace_backward = inplace_backward
         self.validate_targets = validate_targets
         self.gradient_in_forward = gradient_in_forward
-        if gradient_in_forward:
-            from lsr.fused import onepass_cpu
-
-            # Load the C++ kernel now, eagerly: a torch.compile trace cannot, and would run without it
-            onepass_cpu.backend()
+        # Load the C++ kernels now, eagerly: a torch.compile trace cannot, and would run without them
+        cpu.cpu_backend(0)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return _fused(

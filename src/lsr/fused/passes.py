@@ -1,7 +1,7 @@
 """The passes over the logits, each on the backend that runs it: Triton kernels on CUDA
-(`triton_kernels.py`; Triton is optional and imported only when a kernel is first needed), compiled
-or chunked PyTorch on CPU (`cpu.py`), and for the one-pass mode the C++ kernel on CPU
-(`onepass_cpu.py`). What each pass computes is in `algebra.py`.
+(`triton_kernels.py`; Triton is optional and imported only when a kernel is first needed), and on
+CPU the C++ kernels (`cpp.py`) or, without a compiler, compiled or chunked PyTorch (`cpu.py` decides).
+What each pass computes is in `algebra.py`.
 
 - `row_stats`: one read of the logits -> lse, z_y, and dot (exact) or 1 - p_y (sparse) per row;
 - `gradient`: one read, one write -> p exp(z_k - lse) - r w_k, and t on the target column;
@@ -54,8 +54,7 @@ def gradient(logits, index, weight, lse, p, r, t, inplace: bool) -> torch.Tensor
         if inplace:  # the kernel wrote behind autograd's back: let it see the logits changed
             torch.autograd.graph.increment_version(logits)
         return grad
-    grad = cpu.gradient(logits, weight, lse, p, r, inplace)
-    return grad.scatter_(1, index.unsqueeze(1), t.to(grad.dtype).unsqueeze(1))
+    return cpu.gradient(logits, index, weight, lse, p, r, t, inplace)
 
 
 def forward_gradient(logits, index, weight, scale, smoothing: float, sparse: bool) -> torch.Tensor:
@@ -63,9 +62,7 @@ def forward_gradient(logits, index, weight, scale, smoothing: float, sparse: boo
     if _uses_triton(logits):
         row_loss = _kernels().forward_gradient(logits, index, weight, scale, smoothing, sparse)
     else:
-        from lsr.fused import onepass_cpu  # C++ on CPU; plain PyTorch when traced or on other devices
-
-        row_loss = onepass_cpu.forward_gradient(logits, index, weight, scale, smoothing, sparse)
+        row_loss = cpu.forward_gradient(logits, index, weight, scale, smoothing, sparse)
     # Written behind autograd's back: any op that saved the logits for its backward now raises there
     torch.autograd.graph.increment_version(logits)
     return row_loss

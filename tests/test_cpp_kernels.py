@@ -1,5 +1,8 @@
-"""The one-pass CPU kernel (lsr.fused.onepass_cpu): C++ and plain-PyTorch versions against float64
-references written from the definitions, row losses and gradients, every dtype."""
+"""The C++ kernels on CPU (lsr.fused.cpp, csrc/fused.cpp), each against a float64 reference written
+from the definitions, every dtype, and against the plain-PyTorch fallback (cpu.py's "eager"): the
+one-pass `forward_gradient` (row losses and gradient), `row_stats` and `gradient`. That they run on
+every core, and inside torch.compile, at the end. The losses built on them are tested with every CPU
+backend in test_fused.py and test_fused_onepass.py."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import torch
 
 from helpers import ROOT
 from lsr.constants import PAPER_EPS
-from lsr.fused import onepass_cpu
+from lsr.fused import cpp, cpu, cpu_options
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # (relative, absolute) tolerance of the gradient, stored in the logits' dtype
@@ -26,19 +29,20 @@ GRAD_TOL = {
 LOSS_TOL = {torch.float64: (1e-10, 1e-12)}  # losses are float32 otherwise: (1e-5, 1e-5)
 
 
+CPP = pytest.mark.skipif(cpp.build_problem() is not None, reason=str(cpp.build_problem()))
+
+
 def backends():
-    """The C++ kernel wherever it can be built (a build failure there fails these tests), and the
+    """The C++ kernels wherever they can be built (a build failure there fails these tests), and the
     plain-PyTorch fallback always."""
-    problem = onepass_cpu.build_problem()
-    cpp = pytest.param("cpp", marks=pytest.mark.skipif(problem is not None, reason=problem or ""))
-    return [cpp, "torch"]
+    return [pytest.param("cpp", marks=CPP), "eager"]
 
 
 @pytest.fixture(params=backends())
 def backend(request):
     if request.param == "cpp":
-        assert onepass_cpu.extension() is not None, "the C++ kernel failed to build (see the warning)"
-    with onepass_cpu.backend_options(request.param):
+        assert cpp.extension() is not None, "the C++ kernels failed to build (see the warning)"
+    with cpu_options(request.param):
         yield request.param
 
 
@@ -81,7 +85,7 @@ def random_case(dtype, n_rows, n_classes, weighted, seed=0):
 def check(logits, target, weight, scale, smoothing, sparse):
     expected_loss, expected_grad = reference(logits, target, weight, scale, smoothing, sparse)
     grad = logits.clone()
-    row_loss = onepass_cpu.forward_gradient(grad, target, weight, scale, smoothing, sparse)
+    row_loss = cpu.forward_gradient(grad, target, weight, scale, smoothing, sparse)
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     assert row_loss.dtype == acc and grad.dtype == logits.dtype
     rtol, atol = LOSS_TOL.get(logits.dtype, (1e-5, 1e-5))
@@ -142,114 +146,178 @@ def test_a_nan_or_inf_logit_makes_its_row_nan(backend, bad):
     logits, target, _, scale = random_case(torch.float32, 4, 37, weighted=False)
     logits[0, 5] = bad
     grad = logits.clone()
-    row_loss = onepass_cpu.forward_gradient(grad, target, None, scale, 0.1, False)
+    row_loss = cpu.forward_gradient(grad, target, None, scale, 0.1, False)
     assert row_loss[0].isnan() and grad[0].isnan().all()
     check(logits[3:], target[3:], None, scale[3:], 0.1, False)  # the other rows are untouched
 
 
-def test_fallback_in_blocks_matches_reference(monkeypatch):
-    monkeypatch.setattr(onepass_cpu, "BLOCK_ELEMENTS", 40)  # 3 rows of 13 per block, a ragged last
-    with onepass_cpu.backend_options("torch"):
+# --- the two-pass kernels: row_stats, then gradient (new memory or in place) ----------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "sparse, weighted", [(False, False), (False, True), (True, False)], ids=["exact", "weighted", "sparse"]
+)
+@pytest.mark.parametrize("n_classes", [2, 1001])
+def test_row_stats_and_gradient_match_float64(backend, dtype, sparse, weighted, n_classes):
+    logits, target, weight, scale = random_case(dtype, 150 if n_classes > 2 else 9, n_classes, weighted)
+    logits[0, -1] = float("-inf")  # a masked class
+    acc = scale.dtype
+    lse, z_y, dot, one_minus_p_y = cpu.row_stats(logits, target, weight, acc, sparse)
+    z = logits.double()
+    onehot = torch.nn.functional.one_hot(target, n_classes).bool()
+    rtol, atol = LOSS_TOL.get(dtype, (1e-5, 1e-5))
+    torch.testing.assert_close(lse.double(), z.logsumexp(1), rtol=rtol, atol=atol)
+    torch.testing.assert_close(z_y.double(), z[onehot])
+    if sparse:
+        assert dot is None
+        expected = torch.where(onehot, 0.0, z.softmax(1)).sum(1)
+        torch.testing.assert_close(one_minus_p_y.double(), expected, rtol=rtol, atol=atol)
+    else:
+        assert one_minus_p_y is None
+        w = torch.ones(n_classes, dtype=torch.float64) if weight is None else weight.double()
+        finite = z.isfinite().all(1)  # the masked class makes row 0's dot -inf, in both
+        torch.testing.assert_close(dot.double()[finite], (z * w).sum(1)[finite], rtol=rtol, atol=1e-3)
+        assert dot[0] == float("-inf")
+    # p exp(z - lse) - r w off the target, t on it; NaN rows propagate (scale has one)
+    p, r, t = scale, scale * 0.3, scale * -0.5
+    w = 1.0 if weight is None else weight.double()
+    expected = p.double()[:, None] * (z - lse.double()[:, None]).exp() - r.double()[:, None] * w
+    expected[onehot] = t.double()
+    rtol, atol = GRAD_TOL[dtype]
+    for inplace in (False, True):
+        given = logits.clone() if inplace else logits
+        grad = cpu.gradient(given, target, weight, lse, p, r, t, inplace)
+        assert grad.dtype == dtype and (grad.data_ptr() == given.data_ptr()) == inplace
+        torch.testing.assert_close(grad.double(), expected, rtol=rtol, atol=atol, equal_nan=True)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_row_stats_of_a_nan_or_inf_row_are_nan(backend, bad):
+    logits, target, _, scale = random_case(torch.float32, 4, 37, weighted=False)
+    logits[0, 5] = bad
+    for sparse in (False, True):
+        lse, _, dot, one_minus_p_y = cpu.row_stats(logits, target, None, torch.float32, sparse)
+        assert lse[0].isnan() and lse[1:].isfinite().all()
+        assert (one_minus_p_y if sparse else lse)[0].isnan()
+
+
+def test_fallback_in_blocks_matches_reference():
+    with cpu_options("eager", eager_block_elements=40):  # 3 rows of 13 per block, a ragged last
         check(*random_case(torch.float32, 10, 13, weighted=True), 0.1, False)
 
 
+@CPP
 def test_bad_input_is_refused():
     logits, target, _, scale = random_case(torch.float32, 4, 6, weighted=False)
-    with pytest.raises(ValueError, match="contiguous"):
-        onepass_cpu.forward_gradient(logits.t(), target, None, scale, 0.1, False)
-    with pytest.raises(TypeError, match="float32"):
-        onepass_cpu.forward_gradient(logits, target, None, scale.double(), 0.1, False)
-    with pytest.raises(TypeError, match="float16"):
-        onepass_cpu.forward_gradient(logits.int(), target, None, scale, 0.1, False)
-    with pytest.raises(ValueError, match="2 classes"):
-        onepass_cpu.forward_gradient(logits[:, :1].contiguous(), target * 0, None, scale, 0.1, True)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        cpp.forward_gradient(logits.t(), target, None, scale, 0.1, False)
+    with pytest.raises(RuntimeError, match="scale must be .* in the compute dtype"):
+        cpp.forward_gradient(logits, target, None, scale.double(), 0.1, False)
+    with pytest.raises(RuntimeError, match="2 classes"):
+        cpp.forward_gradient(logits[:, :1].contiguous(), target * 0, None, scale, 0.1, True)
+    with pytest.raises(RuntimeError, match="weight must be \\(C,\\)"):
+        cpp.row_stats(logits, target, torch.ones(5), False)
+    with pytest.raises(RuntimeError, match="out must be"):
+        cpp.gradient(logits, target, None, scale, scale, scale, scale, out=torch.empty(4, 5))
     with pytest.raises(ValueError, match="backend"):
-        onepass_cpu.set_backend("fortran")
+        cpu.set_cpu_backend("fortran")
 
 
 def test_without_a_compiler_the_fallback_is_chosen(monkeypatch):
-    monkeypatch.setattr(onepass_cpu, "build_problem", lambda: "no C++ compiler on PATH")
-    monkeypatch.delenv("LSR_ONEPASS_CPP", raising=False)
-    onepass_cpu.extension.cache_clear()
+    monkeypatch.setattr(cpp, "build_problem", lambda: "no C++ compiler on PATH")
+    monkeypatch.delenv("LSR_CPP", raising=False)
+    cpp.extension.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
-            assert onepass_cpu.backend() == "torch"
+            assert cpu.cpu_backend(cpu.COMPILE_MIN_ELEMENTS - 1) == "eager"
+        with pytest.raises(ValueError, match="'cpp' CPU backend is unavailable here: no C\\+\\+ compiler"):
+            cpu.set_cpu_backend("cpp")
         check(*random_case(torch.float32, 5, 9, weighted=False), 0.1, False)
-        monkeypatch.setenv("LSR_ONEPASS_CPP", "1")  # CI's demand for the C++ kernel: an error, not a fallback
-        onepass_cpu.extension.cache_clear()
-        with pytest.raises(RuntimeError, match="LSR_ONEPASS_CPP=1"):
-            onepass_cpu.extension()
+        monkeypatch.setenv("LSR_CPP", "1")  # CI's demand for the C++ kernels: an error, not a fallback
+        cpp.extension.cache_clear()
+        with pytest.raises(RuntimeError, match="LSR_CPP=1"):
+            cpp.extension()
     finally:
-        onepass_cpu.extension.cache_clear()  # the next caller builds (or loads) the real kernel again
+        cpp.extension.cache_clear()  # the next caller builds (or loads) the real kernels again
 
 
 def test_overwriting_saved_logits_makes_backward_raise(backend):
     x = torch.randn(4, 5, requires_grad=True)
     logits = x.exp()  # saves its output for backward
     with torch.no_grad():
-        onepass_cpu.forward_gradient(
-            logits, torch.zeros(4, dtype=torch.long), None, torch.ones(4), 0.1, False
-        )
+        cpu.forward_gradient(logits, torch.zeros(4, dtype=torch.long), None, torch.ones(4), 0.1, False)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         logits.sum().backward()
 
 
 # --- every core, and inside torch.compile --------------------------------------------------------------
 
-CPP = pytest.mark.skipif(onepass_cpu.build_problem() is not None, reason=str(onepass_cpu.build_problem()))
-
 
 def check_runs_on_two_threads():
-    """The C++ kernel's rows run on 2 threads when torch has 2: a build without OpenMP ignores
+    """Each C++ kernel's rows run on 2 threads when torch has 2: a build without OpenMP ignores
     at::parallel_for's pragma and runs every row on the calling thread (as fast a test as any)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         n_classes = 1000
-        n_rows = 8 * (1 << 16) // n_classes  # 8 of the kernel's parallel tasks (about 64K logits each)
+        n_rows = 8 * (1 << 16) // n_classes  # 8 of the kernels' parallel tasks (about 64K logits each)
         logits, target, _, scale = random_case(torch.float32, n_rows, n_classes, weighted=False)
-        with onepass_cpu.backend_options("cpp"):
-            onepass_cpu.forward_gradient(logits, target, None, scale, 0.1, False)
-        assert onepass_cpu.threads_used() == 2, f"{onepass_cpu._build_name()} ran on one thread"
+        lse, _ = cpp.row_stats(logits, target, None, False)
+        ops = {
+            "row_stats": lambda: cpp.row_stats(logits, target, None, True),
+            "gradient": lambda: cpp.gradient(
+                logits, target, None, lse, scale, scale, scale, torch.empty_like(logits)
+            ),
+            "gradient in place": lambda: cpp.gradient(
+                logits, target, None, lse, scale, scale, scale, out=logits
+            ),
+            "forward_gradient": lambda: cpp.forward_gradient(logits, target, None, scale, 0.1, False),
+        }
+        for name, run in ops.items():
+            run()
+            assert cpp.threads_used() == 2, f"{cpp._build_name()}: {name} ran on one thread"
     finally:
         torch.set_num_threads(threads)
 
 
 @CPP
-def test_the_kernel_runs_on_every_thread():
+def test_the_kernels_run_on_every_thread():
     check_runs_on_two_threads()
-    assert onepass_cpu.openmp() == torch._C.has_openmp
+    assert cpp.openmp() == torch._C.has_openmp
 
 
 @CPP
 @pytest.mark.skipif(not torch._C.has_openmp, reason="torch has no OpenMP: every build is serial")
 def test_the_thread_check_catches_a_build_without_openmp(tmp_path):
-    """The same check fails on the kernel built with LSR_ONEPASS_OPENMP=0 (a second build, in a child)."""
+    """The same check fails on the kernels built with LSR_CPP_OPENMP=0 (a second build, in a child)."""
     script = tmp_path / "serial.py"
     script.write_text(
         "import sys; sys.path.insert(0, 'tests')\n"
-        "from lsr.fused import onepass_cpu\n"
-        "from test_onepass_cpu import check_runs_on_two_threads\n"
-        "assert not onepass_cpu.openmp() and '_serial_' in onepass_cpu._build_name()\n"
+        "from lsr.fused import cpp\n"
+        "from test_cpp_kernels import check_runs_on_two_threads\n"
+        "assert not cpp.openmp() and '_serial_' in cpp._build_name()\n"
         "try:\n"
         "    check_runs_on_two_threads()\n"
         "except AssertionError as error:\n"
         "    print('caught:', error)\n"
     )
-    env = os.environ | {"LSR_ONEPASS_OPENMP": "0", "LSR_ONEPASS_CPP": "1"}
+    env = os.environ | {"LSR_CPP_OPENMP": "0", "LSR_CPP": "1"}
     done = subprocess.run(
         [sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr
-    assert "caught: lsr_onepass_" in done.stdout and "ran on one thread" in done.stdout
+    assert "caught: lsr_fused_" in done.stdout and "ran on one thread" in done.stdout
 
 
 @CPP
 @pytest.mark.parametrize("sparse", [False, True], ids=["exact", "sparse"])
-def test_the_op_runs_inside_a_compiled_model(sparse):
-    """Linear -> one-pass loss under torch.compile(fullgraph=True): the C++ op is a node of the
-    compiled graph (called in inductor's code, writing into the logits' buffer), and three SGD steps
-    match eager float64 F.cross_entropy / equation 15."""
+@pytest.mark.parametrize("one_pass", [False, True], ids=["two-pass", "one-pass"])
+def test_the_ops_run_inside_a_compiled_model(sparse, one_pass):
+    """Linear -> fused loss under torch.compile(fullgraph=True): the C++ ops are nodes of the
+    compiled graphs (called in inductor's code: row_stats forward and gradient backward, or the
+    one-pass op writing into the logits' buffer), and three SGD steps match eager float64
+    F.cross_entropy / equation 15."""
     from torch._inductor.utils import run_and_get_code
 
     from lsr.fused import FusedLSRLoss, FusedSparseLSRLoss
@@ -262,7 +330,7 @@ def test_the_op_runs_inside_a_compiled_model(sparse):
     model64 = torch.nn.Linear(16, 50).double()
     model64.load_state_dict(model.state_dict())
     loss_class = FusedSparseLSRLoss if sparse else FusedLSRLoss
-    loss_fn = loss_class(0.1, validate_targets=False, gradient_in_forward=True)
+    loss_fn = loss_class(0.1, validate_targets=False, gradient_in_forward=one_pass)
     reference = sparse_reference if sparse else exact_reference
 
     @torch.compile(fullgraph=True)
@@ -279,8 +347,12 @@ def test_the_op_runs_inside_a_compiled_model(sparse):
         for opt in optimizers:
             opt.zero_grad()
         if i == 0:
-            loss, (forward_code, _) = run_and_get_code(step)
-            assert "torch.ops.lsr_onepass.forward_gradient" in forward_code
+            loss, (forward_code, backward_code) = run_and_get_code(step)
+            if one_pass:
+                assert "torch.ops.lsr_fused.forward_gradient" in forward_code
+            else:
+                assert "torch.ops.lsr_fused.row_stats" in forward_code
+                assert "torch.ops.lsr_fused.gradient" in backward_code
         else:
             loss = step()
         expected = 0.5 * reference(model64(inputs.double()), target, 0.1)

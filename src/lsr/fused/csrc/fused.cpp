@@ -1,0 +1,575 @@
+// The fused label-smoothing kernels on CPU, one per pass over the logits (lsr/fused/passes.py):
+//
+//   row_stats         one read   -> lse, and dot (exact) or 1 - p_y (SparseLSR) per row
+//   gradient          one read, one write (new memory or over the logits) -> p exp(z_k - lse) - r w_k,
+//                     and t on the target column
+//   forward_gradient  the one-pass mode: one read, one write over the logits -> row losses, and the
+//                     gradient written over the logits
+//
+// The math is in lsr/fused/algebra.py; this file orders it for the cache. A row (40 KB at C = 10000
+// float32) is swept while it stays in L2, so only its first read and last write go to memory:
+//   1. the max m (and dot = sum_j w_j z_j for exact smoothing with eps > 0);
+//   2. exp(z_j - m), summed (row_stats: SparseLSR sums the non-target terms, so that 1 - p_y keeps
+//      its digits); the one-pass mode writes them over the row, or, for half inputs, into a float32
+//      row buffer, so that they are never rounded to half;
+//   3. the gradient, written out (the gradient kernel: steps 2 and 3 in one sweep, from lse).
+// Rows run in parallel (at::parallel_for). Half inputs are widened to float32 as they are read.
+//
+// Built per vector ISA by lsr/fused/cpp.py (torch.utils.cpp_extension.load, -O3, CPU_CAPABILITY set
+// to the one torch itself dispatches to on this machine), so at::vec::Vectorized is AVX2 or AVX-512,
+// and with -fopenmp where torch has OpenMP: at::parallel_for is a header template whose
+// `#pragma omp parallel` is ignored without it, and the whole range then runs on the calling thread.
+// `threads_used()` says how many distinct threads ran rows in the last call, so a test can tell.
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using at::vec::Vectorized;
+
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// Partial sums of this many elements are added in double: float32 sums of whole 262144-long rows
+// would lose digits; blocks keep the error at that of a 1024-term sum.
+constexpr int64_t kSumBlock = 1024;
+// Independent accumulators per sweep: with one, each vector waits for the previous max's or add's
+// latency (measured: the max sweep took a third of the one-pass kernel's time with one chain).
+constexpr int kChains = 4;
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// exp for the sweeps: ATen's exp_u20, a degree-5 polynomial for float (for double the ordinary exp).
+// Measured on AVX2 (one thread, 1024 x 10000): the one-pass kernel at 0.71x the floor's time with
+// it, 1.0x with Sleef's exp_u10 (the floor's own); the softmax it gives is within 2.0e-6 relative of
+// float64 (torch's float32 softmax: 2.8e-6). Its arguments here are <= 0 (z - m or z - lse; -inf
+// gives 0); it does not propagate NaN, so rows with a NaN or +inf logit take `scalar_*` instead.
+// GCC does not inline exp_u20 on its own: it was a call through the PLT per vector. The sweeps are
+// therefore `flatten`ed, which inlines it (and everything else they call) into their loops.
+template <typename acc_t>
+inline Vectorized<acc_t> vec_exp(const Vectorized<acc_t>& x) {
+  return x.exp_u20();
+}
+#define LSR_FLATTEN __attribute__((flatten))
+
+// Vectorized<acc_t>::size() logits from their storage, widened to acc_t.
+template <typename scalar_t, typename acc_t>
+inline Vectorized<acc_t> load_wide(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return Vectorized<acc_t>::loadu(p);
+  } else {
+    Vectorized<float> out;
+    at::vec::load_to_float(p, out);
+    return out;
+  }
+}
+
+// Stores a row's values given as vectors: value(j) for j in [0, C_vec) step V, narrowed to scalar_t
+// two vectors at a time for half types; the tail [C_vec, C) is the caller's.
+template <typename scalar_t, typename acc_t, typename Value>
+inline void store_row(scalar_t* out, int64_t C_vec, Value value) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    for (int64_t j = 0; j < C_vec; j += V) value(j).store(out + j);
+  } else {
+    int64_t j = 0;
+    for (; j + 2 * V <= C_vec; j += 2 * V) {
+      at::vec::convert_from_float<scalar_t>(value(j), value(j + V)).store(out + j);
+    }
+    for (; j < C_vec; j += V) {
+      acc_t g[V];
+      value(j).store(g);
+      for (int64_t k = 0; k < V; ++k) out[j + k] = static_cast<scalar_t>(g[k]);
+    }
+  }
+}
+
+// Ask for the cache lines of logits [j, j + n) of the next row into L2 (prefetcht1).
+template <typename scalar_t>
+inline void prefetch(const scalar_t* next_row, int64_t j, int64_t n) {
+#if defined(__GNUC__) || defined(__clang__)
+  if (next_row == nullptr) return;
+  const char* start = reinterpret_cast<const char*>(next_row + j);
+  for (int64_t offset = 0; offset < n * static_cast<int64_t>(sizeof(scalar_t)); offset += 64) {
+    __builtin_prefetch(start + offset, 0, 2);
+  }
+#endif
+}
+
+struct Params {
+  int64_t num_classes;
+  double smoothing;
+  bool sparse;
+  double paper_eps;  // SparseLSR's guard of log(0): lsr.constants.PAPER_EPS
+  bool has_weight;
+  double weight_sum;  // W = sum_j w_j (exact smoothing with weights)
+};
+
+// --- step 1: max and dot -------------------------------------------------------------------------------
+
+struct MaxDot {
+  double max;  // NaN if a logit is NaN
+  double dot;  // sum_j w_j z_j if asked for, else 0
+};
+
+// Step 1 over a row; half logits are also widened into `wide` when it is not null (the one-pass mode).
+template <typename scalar_t, typename acc_t>
+LSR_FLATTEN MaxDot max_and_dot(const scalar_t* z, int64_t C, const acc_t* w, bool need_dot, acc_t* wide) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t C_vec = C - C % V;
+  Vec vmax[kChains], vdot[kChains];
+  for (int c = 0; c < kChains; ++c) {
+    vmax[c] = Vec(-std::numeric_limits<acc_t>::infinity());
+    vdot[c] = Vec(0);
+  }
+  auto read = [&](int64_t j, int c) {
+    const Vec v = load_wide<scalar_t, acc_t>(z + j);
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+      if (wide) v.store(wide + j);
+    }
+    vmax[c] = at::vec::maximum(vmax[c], v);  // propagates NaN
+    if (need_dot) vdot[c] = w ? at::vec::fmadd(v, Vec::loadu(w + j), vdot[c]) : vdot[c] + v;
+  };
+  double dot = 0;
+  for (int64_t start = 0; start < C_vec; start += kSumBlock) {
+    const int64_t stop = std::min(start + kSumBlock, C_vec);
+    int64_t j = start;
+    for (; j + kChains * V <= stop; j += kChains * V) {
+      for (int c = 0; c < kChains; ++c) read(j + c * V, c);
+    }
+    for (; j < stop; j += V) read(j, 0);
+    if (need_dot) {
+      const Vec block = (vdot[0] + vdot[1]) + (vdot[2] + vdot[3]);
+      dot += at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, block);
+      for (int c = 0; c < kChains; ++c) vdot[c] = Vec(0);
+    }
+  }
+  const Vec all = at::vec::maximum(at::vec::maximum(vmax[0], vmax[1]), at::vec::maximum(vmax[2], vmax[3]));
+  double m = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, all);
+  for (int64_t j = C_vec; j < C; ++j) {
+    const acc_t v = static_cast<acc_t>(z[j]);
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+      if (wide) wide[j] = v;
+    }
+    m = (std::isnan(v) || std::isnan(m)) ? std::numeric_limits<double>::quiet_NaN() : std::max(m, double(v));
+    if (need_dot) dot += (w ? static_cast<double>(w[j]) : 1.0) * v;
+  }
+  return {m, dot};
+}
+
+// A row whose max is NaN or +inf: exp(z - m) in double with std::exp, which propagates NaN as the
+// references do (exp_u20 would clamp it). Rare; no speed needed.
+template <typename scalar_t>
+double scalar_sum_exp(const scalar_t* z, int64_t C, double m, int64_t excluded) {
+  double total = 0;
+  for (int64_t j = 0; j < C; ++j) {
+    if (j != excluded) total += std::exp(static_cast<double>(z[j]) - m);
+  }
+  return total;
+}
+
+// --- row_stats -------------------------------------------------------------------------------------------
+
+// Step 2: sum_j exp(z_j - m) over j != excluded (-1: every j), z read from `src`; written to `dst`
+// too when it is not null (the one-pass mode: dst = src, in place). While it computes exps the next
+// row (if any) is prefetched, so that its step 1 reads from cache: the read from memory overlaps the
+// arithmetic, as it does in a streaming exp(z, out=).
+template <typename src_t, typename acc_t, typename next_t>
+LSR_FLATTEN double exp_sum(
+    const src_t* src, acc_t* dst, int64_t C, double m, int64_t excluded, const next_t* next_row) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t C_vec = C - C % V;
+  const Vec vm(static_cast<acc_t>(m));
+  constexpr acc_t kMinusInf = -std::numeric_limits<acc_t>::infinity();
+  // The vector holding the excluded column gets that lane set to -inf (exp 0) as it is loaded
+  const int64_t excluded_start = excluded >= 0 && excluded < C_vec ? excluded - excluded % V : -1;
+  auto term = [&](int64_t j) {
+    Vec v = load_wide<src_t, acc_t>(src + j);
+    if (j == excluded_start) {
+      acc_t lanes[V];
+      v.store(lanes);
+      lanes[excluded - j] = kMinusInf;
+      v = Vec::loadu(lanes);
+    }
+    const Vec e = vec_exp(v - vm);
+    if (dst) e.store(dst + j);
+    return e;
+  };
+  double sum = 0;
+  for (int64_t start = 0; start < C_vec; start += kSumBlock) {
+    const int64_t stop = std::min(start + kSumBlock, C_vec);
+    Vec vsum[kChains];
+    for (int c = 0; c < kChains; ++c) vsum[c] = Vec(0);
+    int64_t j = start;
+    for (; j + kChains * V <= stop; j += kChains * V) {
+      prefetch(next_row, j, kChains * V);
+      for (int c = 0; c < kChains; ++c) vsum[c] = vsum[c] + term(j + c * V);
+    }
+    for (; j < stop; j += V) {
+      prefetch(next_row, j, V);
+      vsum[0] = vsum[0] + term(j);
+    }
+    const Vec block = (vsum[0] + vsum[1]) + (vsum[2] + vsum[3]);
+    sum += at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, block);
+  }
+  if (C_vec < C) {  // the tail through a padded vector, so that it gets the same exp
+    acc_t tail[V];
+    std::fill(tail, tail + V, kMinusInf);
+    for (int64_t j = C_vec; j < C; ++j) tail[j - C_vec] = j == excluded ? kMinusInf : static_cast<acc_t>(src[j]);
+    vec_exp(Vec::loadu(tail) - vm).store(tail);
+    for (int64_t j = C_vec; j < C; ++j) {
+      if (dst) dst[j] = tail[j - C_vec];
+      sum += tail[j - C_vec];
+    }
+  }
+  return sum;
+}
+
+// One row's statistics: lse, and dot (exact) or 1 - p_y (sparse, from the non-target terms).
+template <typename scalar_t, typename acc_t>
+std::pair<double, double> stats_row(
+    const scalar_t* z, const scalar_t* next_row, int64_t y, const acc_t* w, const Params& P) {
+  const int64_t C = P.num_classes;
+  const MaxDot r = max_and_dot<scalar_t, acc_t>(z, C, w, !P.sparse, nullptr);
+  double m = r.max;
+  const bool finite = !(std::isnan(m) || m == kInf);
+  if (m == -kInf) m = 0;  // a row of -inf only: lse = -inf, not NaN
+  if (!P.sparse) {
+    const double total = finite ? exp_sum<scalar_t, acc_t, scalar_t>(z, nullptr, C, m, -1, next_row) : scalar_sum_exp(z, C, m, -1);
+    return {m + std::log(total), r.dot};
+  }
+  const double non_target = finite ? exp_sum<scalar_t, acc_t, scalar_t>(z, nullptr, C, m, y, next_row) : scalar_sum_exp(z, C, m, y);
+  const double total = non_target + std::exp(static_cast<double>(z[y]) - m);
+  return {m + std::log(total), non_target / total};
+}
+
+// --- gradient --------------------------------------------------------------------------------------------
+
+// One row of the gradient: out_k = p exp(z_k - lse) - r w_k, out_y = t. `out` may be `z` (in place).
+template <typename scalar_t, typename acc_t>
+LSR_FLATTEN void gradient_row(
+    const scalar_t* z, scalar_t* out, int64_t C, int64_t y, const acc_t* w, double lse, double p, double r,
+    double t) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t C_vec = C - C % V;
+  const bool subtract = r != 0;  // no r * w at r = 0 (eps = 0, SparseLSR, an ignored row)
+  auto scalar = [&](int64_t j) {
+    const double g = p * std::exp(static_cast<double>(z[j]) - lse);
+    return subtract ? g - r * (w ? static_cast<double>(w[j]) : 1.0) : g;
+  };
+  if (!std::isfinite(lse)) {  // NaN, or a row of -inf: the expression's own NaN, as the references give
+    for (int64_t j = 0; j < C; ++j) out[j] = static_cast<scalar_t>(scalar(j));
+  } else {
+    const Vec vlse(static_cast<acc_t>(lse)), vp(static_cast<acc_t>(p)), vr(static_cast<acc_t>(r));
+    store_row<scalar_t, acc_t>(out, C_vec, [&](int64_t j) {
+      const Vec e = vec_exp(load_wide<scalar_t, acc_t>(z + j) - vlse);
+      if (!subtract) return e * vp;
+      return w ? at::vec::fmsub(e, vp, vr * Vec::loadu(w + j)) : at::vec::fmsub(e, vp, vr);
+    });
+    for (int64_t j = C_vec; j < C; ++j) out[j] = static_cast<scalar_t>(scalar(j));
+  }
+  out[y] = static_cast<scalar_t>(t);
+}
+
+// --- forward_gradient (the one-pass mode) ----------------------------------------------------------------
+
+struct RowCoefficients {
+  double loss;   // the unscaled row loss
+  double alpha;  // g_j = alpha e_j - gamma w_j off the target column ...
+  double gamma;
+  double g_y;    // ... and g_y on it
+};
+
+// The per-row algebra (O(1)) from m, S (all terms), S_nt (non-target terms), e_y, z_y, dot.
+inline RowCoefficients row_coefficients(
+    const Params& P, double s, double m, double total, double non_target, double e_y, double z_y,
+    double dot, double w_y) {
+  const double C = static_cast<double>(P.num_classes);
+  const double eps = P.smoothing;
+  const double lse = m + std::log(total);
+  const double p_y = e_y / total;
+  RowCoefficients r{};
+  if (P.sparse) {
+    // Equation 15: a = 1 - xi + xi/C, b = xi (C-1)/C; 1 - p_y from the non-target terms keeps its digits
+    const double a = 1 - eps + eps / C;
+    const double b = eps * (C - 1) / C;
+    const double one_minus_p_y = non_target / total;
+    r.loss = -a * (z_y - lse) - b * std::log((one_minus_p_y + P.paper_eps) / (C - 1));
+    const double c = a - b * p_y / (one_minus_p_y + P.paper_eps);
+    r.alpha = s * c / total;
+    r.gamma = 0;
+    r.g_y = -s * c * one_minus_p_y;
+  } else {
+    // Exact: L = A lse - (1-eps) w_y z_y - (eps/C) dot, A = (1-eps) w_y + (eps/C) W (1 unweighted);
+    // g_k = s (A p_k - (eps/C) w_k - (1-eps) w_y [k = y])
+    const double A = P.has_weight ? (1 - eps) * w_y + eps / C * P.weight_sum : 1.0;
+    r.loss = A * lse - (1 - eps) * w_y * z_y;
+    if (eps > 0) {  // at eps = 0 a masked class (-inf) adds no 0 * inf
+      r.loss -= eps / C * dot;
+    }
+    r.alpha = s * A / total;
+    r.gamma = s * eps / C;
+    r.g_y = s * (A * p_y - (1 - eps + eps / C) * w_y);
+  }
+  return r;
+}
+
+// A row with a NaN or +inf logit: the same math in double with std::exp, so that NaN propagates.
+template <typename scalar_t, typename acc_t>
+double scalar_onepass_row(scalar_t* z, int64_t y, const acc_t* w, double s, double w_y, const Params& P) {
+  const int64_t C = P.num_classes;
+  const MaxDot r0 = max_and_dot<scalar_t, acc_t>(z, C, w, true, nullptr);
+  const double m = r0.max;
+  const double z_y = static_cast<double>(z[y]);
+  std::vector<double> e(C);
+  double total = 0;
+  for (int64_t j = 0; j < C; ++j) {
+    e[j] = std::exp(static_cast<double>(z[j]) - m);
+    total += e[j];
+  }
+  const RowCoefficients r = row_coefficients(P, s, m, total, total - e[y], e[y], z_y, r0.dot, w_y);
+  for (int64_t j = 0; j < C; ++j) {
+    const double g = r.alpha * e[j] - r.gamma * (w ? static_cast<double>(w[j]) : 1.0);
+    z[j] = static_cast<scalar_t>(j == y ? r.g_y : g);
+  }
+  return r.loss;
+}
+
+// One row of the one-pass mode: steps 1-3. `e` is the row itself (full precision) or a float32
+// buffer (half).
+template <typename scalar_t, typename acc_t>
+LSR_FLATTEN double onepass_row(
+    scalar_t* z, acc_t* e, const scalar_t* next_row, int64_t y, const acc_t* w, double s, const Params& P) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t C = P.num_classes;
+  const int64_t C_vec = C - C % V;
+  const bool need_dot = !P.sparse && P.smoothing > 0;
+  const double w_y = w ? static_cast<double>(w[y]) : 1.0;
+
+  const MaxDot stats = max_and_dot<scalar_t, acc_t>(z, C, w, need_dot, std::is_same_v<scalar_t, acc_t> ? nullptr : e);
+  double m = stats.max;
+  if (std::isnan(m) || m == kInf) return scalar_onepass_row<scalar_t, acc_t>(z, y, w, s, w_y, P);
+  if (m == -kInf) m = 0;  // a row of -inf only: lse = -inf, not NaN
+  const double z_y = static_cast<double>(e[y]);
+  // SparseLSR needs the sum of the non-target terms: the target's exp is left out (written as 0)
+  const double sum = exp_sum<acc_t, acc_t, scalar_t>(e, e, C, m, P.sparse ? y : -1, next_row);
+  const double e_y = P.sparse ? std::exp(z_y - m) : static_cast<double>(e[y]);
+  const double total = P.sparse ? sum + e_y : sum;
+  const RowCoefficients r = row_coefficients(P, s, m, total, sum, e_y, z_y, stats.dot, w_y);
+
+  // 3. g_j = alpha e_j - gamma w_j over the logits
+  const Vec valpha(static_cast<acc_t>(r.alpha));
+  const Vec vgamma(static_cast<acc_t>(r.gamma));
+  const bool subtract = r.gamma != 0;  // skipped at eps = 0 (and s = 0): no 0 * w
+  store_row<scalar_t, acc_t>(z, C_vec, [&](int64_t j) {
+    const Vec ej = Vec::loadu(e + j);
+    if (!subtract) return ej * valpha;
+    return w ? at::vec::fmsub(ej, valpha, vgamma * Vec::loadu(w + j)) : at::vec::fmsub(ej, valpha, vgamma);
+  });
+  for (int64_t j = C_vec; j < C; ++j) {
+    const double g = r.alpha * e[j] - (subtract ? r.gamma * (w ? static_cast<double>(w[j]) : 1.0) : 0.0);
+    z[j] = static_cast<scalar_t>(g);
+  }
+  z[y] = static_cast<scalar_t>(r.g_y);
+  return r.loss;
+}
+
+// Where the one-pass mode keeps exp(z - m): over the row itself (full precision), or in the buffer.
+template <typename scalar_t, typename acc_t>
+acc_t* row_or_buffer(scalar_t* row, at::Tensor& buffer) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return row;
+  } else {
+    return buffer.data_ptr<acc_t>();
+  }
+}
+
+// --- the ops ---------------------------------------------------------------------------------------------
+
+// The distinct at::get_thread_num() values that ran rows in the last call (threads_used()).
+constexpr int kMaxRecordedThreads = 1024;
+std::atomic<int64_t> g_threads_used{0};
+
+// Runs body(begin, end) over row ranges on torch's intra-op threads, recording which threads ran.
+template <typename Body>
+void parallel_rows(int64_t M, int64_t C, Body body) {
+  // About 64K logits per task: enough work to amortise the task, enough tasks to balance threads
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(C, 1));
+  std::vector<std::atomic<bool>> seen(kMaxRecordedThreads);
+  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    seen[std::min(at::get_thread_num(), kMaxRecordedThreads - 1)].store(true, std::memory_order_relaxed);
+    body(begin, end);
+  });
+  g_threads_used = std::count_if(seen.begin(), seen.end(), [](const auto& b) { return b.load(); });
+}
+
+at::ScalarType acc_dtype_of(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_rows(const char* op, const at::Tensor& logits, const at::Tensor& target) {
+  TORCH_CHECK(logits.device().is_cpu(), op, ": logits must be on the CPU");
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), op, ": logits must be (M, C) contiguous");
+  TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 && target.size(0) == logits.size(0) &&
+                  target.is_contiguous(),
+              op, ": target must be (M,) contiguous int64");
+}
+
+void check_per_row(const char* op, const char* name, const at::Tensor& t, const at::Tensor& logits) {
+  TORCH_CHECK(t.scalar_type() == acc_dtype_of(logits) && t.dim() == 1 && t.size(0) == logits.size(0) &&
+                  t.is_contiguous(),
+              op, ": ", name, " must be (M,) contiguous in the compute dtype");
+}
+
+double check_weight(const char* op, const std::optional<at::Tensor>& weight, const at::Tensor& logits) {
+  if (!weight.has_value()) return 0;
+  TORCH_CHECK(weight->scalar_type() == acc_dtype_of(logits) && weight->dim() == 1 &&
+                  weight->size(0) == logits.size(1) && weight->is_contiguous(),
+              op, ": weight must be (C,) contiguous in the compute dtype");
+  return weight->sum(at::kDouble).item<double>();
+}
+
+template <typename acc_t>
+const acc_t* weight_ptr(const std::optional<at::Tensor>& weight) {
+  return weight.has_value() ? weight->data_ptr<acc_t>() : nullptr;
+}
+
+#define LSR_DISPATCH(logits, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (logits).scalar_type(), name, __VA_ARGS__)
+
+std::tuple<at::Tensor, at::Tensor> row_stats(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight, bool sparse) {
+  check_rows("row_stats", logits, target);
+  const int64_t M = logits.size(0), C = logits.size(1);
+  check_weight("row_stats", weight, logits);
+  TORCH_CHECK(C >= 1 || M == 0, "row_stats: no classes");  // (a vocab-parallel shard may hold one)
+  const Params P{C, 0.0, sparse, 0.0, weight.has_value(), 0.0};
+  at::Tensor lse = at::empty({M}, logits.options().dtype(acc_dtype_of(logits)));
+  at::Tensor third = at::empty({M}, lse.options());  // dot (exact) or 1 - p_y (sparse)
+  g_threads_used = 0;
+  if (M == 0) return {lse, third};
+  LSR_DISPATCH(logits, "row_stats", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* z = logits.data_ptr<scalar_t>();
+    const int64_t* t = target.data_ptr<int64_t>();
+    const acc_t* w = weight_ptr<acc_t>(weight);
+    acc_t* lse_out = lse.data_ptr<acc_t>();
+    acc_t* third_out = third.data_ptr<acc_t>();
+    parallel_rows(M, C, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const auto [row_lse, row_third] = stats_row<scalar_t, acc_t>(z + i * C, i + 1 < end ? z + (i + 1) * C : nullptr, t[i], w, P);
+        lse_out[i] = static_cast<acc_t>(row_lse);
+        third_out[i] = static_cast<acc_t>(row_third);
+      }
+    });
+  });
+  return {lse, third};
+}
+
+void gradient(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    const at::Tensor& lse, const at::Tensor& p, const at::Tensor& r, const at::Tensor& t, at::Tensor& out) {
+  check_rows("gradient", logits, target);
+  for (const auto& [name, tensor] : {std::pair{"lse", &lse}, {"p", &p}, {"r", &r}, {"t", &t}}) {
+    check_per_row("gradient", name, *tensor, logits);
+  }
+  check_weight("gradient", weight, logits);
+  TORCH_CHECK(out.sizes() == logits.sizes() && out.scalar_type() == logits.scalar_type() && out.is_contiguous() &&
+                  out.device().is_cpu(),
+              "gradient: out must be contiguous, of the logits' shape and dtype");
+  const int64_t M = logits.size(0), C = logits.size(1);
+  g_threads_used = 0;
+  if (M == 0 || C == 0) return;
+  LSR_DISPATCH(logits, "gradient", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* z = logits.data_ptr<scalar_t>();
+    scalar_t* g = out.data_ptr<scalar_t>();
+    const int64_t* y = target.data_ptr<int64_t>();
+    const acc_t* w = weight_ptr<acc_t>(weight);
+    const acc_t *lse_in = lse.data_ptr<acc_t>(), *p_in = p.data_ptr<acc_t>();
+    const acc_t *r_in = r.data_ptr<acc_t>(), *t_in = t.data_ptr<acc_t>();
+    parallel_rows(M, C, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        gradient_row<scalar_t, acc_t>(z + i * C, g + i * C, C, y[i], w, lse_in[i], p_in[i], r_in[i], t_in[i]);
+      }
+    });
+  });
+}
+
+at::Tensor forward_gradient(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    const at::Tensor& scale, double smoothing, bool sparse, double paper_eps) {
+  check_rows("forward_gradient", logits, target);
+  check_per_row("forward_gradient", "scale", scale, logits);
+  const int64_t M = logits.size(0), C = logits.size(1);
+  TORCH_CHECK(!sparse || C >= 2, "forward_gradient: SparseLSR needs at least 2 classes");
+  const Params P{C, smoothing, sparse, paper_eps, weight.has_value(), check_weight("forward_gradient", weight, logits)};
+  at::Tensor row_loss = at::empty({M}, logits.options().dtype(acc_dtype_of(logits)));
+  g_threads_used = 0;
+  if (M == 0 || C == 0) return row_loss;
+  LSR_DISPATCH(logits, "forward_gradient", [&] {
+    using acc_t = acc_type<scalar_t>;
+    scalar_t* z = logits.data_ptr<scalar_t>();
+    const int64_t* t = target.data_ptr<int64_t>();
+    const acc_t* w = weight_ptr<acc_t>(weight);
+    const acc_t* s = scale.data_ptr<acc_t>();
+    acc_t* loss = row_loss.data_ptr<acc_t>();
+    parallel_rows(M, C, [&](int64_t begin, int64_t end) {
+      // Half inputs: the float32 row of exp(z - m), one per task, from torch's allocator (so that
+      // the peak-memory meter counts it)
+      at::Tensor buffer;
+      if constexpr (!std::is_same_v<scalar_t, acc_t>) buffer = at::empty({C}, logits.options().dtype(at::kFloat));
+      for (int64_t i = begin; i < end; ++i) {
+        scalar_t* row = z + i * C;
+        acc_t* e = row_or_buffer<scalar_t, acc_t>(row, buffer);
+        const scalar_t* next_row = i + 1 < end ? row + C : nullptr;
+        loss[i] = static_cast<acc_t>(onepass_row<scalar_t, acc_t>(row, e, next_row, t[i], w, static_cast<double>(s[i]), P));
+      }
+    });
+  });
+  return row_loss;
+}
+
+int64_t threads_used() {
+  return g_threads_used.load();
+}
+
+}  // namespace
+
+// A dispatcher op library (no pybind11: the build is about 3x faster), called as torch.ops.lsr_fused.*.
+// `out` and the one-pass logits are written (`Tensor(a!)`), which torch.compile orders reads around.
+TORCH_LIBRARY(lsr_fused, m) {
+  m.def("row_stats(Tensor logits, Tensor target, Tensor? weight, bool sparse) -> (Tensor, Tensor)");
+  m.def(
+      "gradient(Tensor logits, Tensor target, Tensor? weight, Tensor lse, Tensor p, Tensor r, Tensor t, "
+      "Tensor(a!) out) -> ()");
+  m.def(
+      "forward_gradient(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor scale, float smoothing, "
+      "bool sparse, float paper_eps) -> Tensor");
+  m.def("threads_used() -> int", &threads_used);
+}
+
+TORCH_LIBRARY_IMPL(lsr_fused, CPU, m) {
+  m.impl("row_stats", &row_stats);
+  m.impl("gradient", &gradient);
+  m.impl("forward_gradient", &forward_gradient);
+}

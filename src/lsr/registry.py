@@ -109,7 +109,7 @@ register(
         devices=("cpu", "cuda"),
         supports_weight=True,
         min_classes=1,
-        description="closed form in O(N) memory: one pass forward, one backward (Triton / compiled CPU)",
+        description="closed form in O(N) memory: one pass forward, one backward (Triton / C++ on CPU)",
         is_available=_fused_is_available,
         **FUSED,
         peak_factor=1.1,

@@ -59,10 +59,9 @@ def gradient(logits, index, weight, lse, p, r, t, inplace: bool) -> torch.Tensor
 
 def forward_gradient(logits, index, weight, scale, smoothing: float, sparse: bool) -> torch.Tensor:
     """The one-pass contract (`algebra`): row losses; the gradient written over the logits."""
-    if _uses_triton(logits):
-        row_loss = _kernels().forward_gradient(logits, index, weight, scale, smoothing, sparse)
-    else:
-        row_loss = cpu.forward_gradient(logits, index, weight, scale, smoothing, sparse)
+    if not _uses_triton(logits):
+        return cpu.forward_gradient(logits, index, weight, scale, smoothing, sparse)  # bumps the version
+    row_loss = _kernels().forward_gradient(logits, index, weight, scale, smoothing, sparse)
     # Written behind autograd's back: any op that saved the logits for its backward now raises there
     torch.autograd.graph.increment_version(logits)
     return row_loss

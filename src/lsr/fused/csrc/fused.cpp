@@ -440,12 +440,11 @@ void check_per_row(const char* op, const char* name, const at::Tensor& t, const 
               op, ": ", name, " must be (M,) contiguous in the compute dtype");
 }
 
-double check_weight(const char* op, const std::optional<at::Tensor>& weight, const at::Tensor& logits) {
-  if (!weight.has_value()) return 0;
+void check_weight(const char* op, const std::optional<at::Tensor>& weight, const at::Tensor& logits) {
+  if (!weight.has_value()) return;
   TORCH_CHECK(weight->scalar_type() == acc_dtype_of(logits) && weight->dim() == 1 &&
                   weight->size(0) == logits.size(1) && weight->is_contiguous(),
               op, ": weight must be (C,) contiguous in the compute dtype");
-  return weight->sum(at::kDouble).item<double>();
 }
 
 template <typename acc_t>
@@ -522,7 +521,10 @@ at::Tensor forward_gradient(
   check_per_row("forward_gradient", "scale", scale, logits);
   const int64_t M = logits.size(0), C = logits.size(1);
   TORCH_CHECK(!sparse || C >= 2, "forward_gradient: SparseLSR needs at least 2 classes");
-  const Params P{C, smoothing, sparse, paper_eps, weight.has_value(), check_weight("forward_gradient", weight, logits)};
+  check_weight("forward_gradient", weight, logits);
+  // W = sum_j w_j, which only the one-pass mode's exact row losses need
+  const double weight_sum = weight.has_value() ? weight->sum(at::kDouble).item<double>() : 0.0;
+  const Params P{C, smoothing, sparse, paper_eps, weight.has_value(), weight_sum};
   at::Tensor row_loss = at::empty({M}, logits.options().dtype(acc_dtype_of(logits)));
   g_threads_used = 0;
   if (M == 0 || C == 0) return row_loss;

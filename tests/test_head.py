@@ -68,6 +68,28 @@ def test_matches_the_float64_definition(dtype, reduction, kind, shape):
     assert (grads[0].reshape(-1, h.shape[-1])[8:16] == 0).all()  # the ignored chunk: no gradient
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_one_chunk_of_bfloat16_matches_the_float64_definition(reduction):
+    """The default chunk holds every row here: d_lm_weight is that chunk's one product, in bfloat16
+    (no float32 accumulator), and still matches the float64 definition."""
+    h, w, b, y = problem(torch.bfloat16)
+
+    def ours(h, w, b, y):
+        return lsr.linear_label_smoothing(h, w, y, 0.1, bias=b, reduction=reduction)
+
+    def reference(h, w, b, y):
+        return F.cross_entropy(
+            F.linear(h.double(), w.double(), b.double()), y, label_smoothing=0.1, reduction=reduction
+        )
+
+    loss, grads = run(ours, h, w, b, y)
+    ref_loss, ref_grads = run(reference, h, w, b, y)
+    tol = TOLERANCE[torch.bfloat16]
+    torch.testing.assert_close(loss, ref_loss, rtol=tol, atol=tol * (ref_loss.abs().max().item() + 1))
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * (want.abs().max().item() + 1e-3))
+
+
 def test_without_bias_and_under_no_grad():
     h, w, _, y = problem(torch.float32)
     loss = lsr.linear_label_smoothing(h, w, y, 0.2, chunk_rows=10)

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import lsr
+from conftest import TRITON_INTERPRETER
 from lsr.bench.measure import cpu_peak_bytes
+from lsr.fused import cpu_options
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 5e-2}
 
@@ -66,6 +68,35 @@ def test_matches_the_float64_definition(dtype, reduction, kind, shape):
     for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol * (want.abs().max().item() + 1e-3))
     assert (grads[0].reshape(-1, h.shape[-1])[8:16] == 0).all()  # the ignored chunk: no gradient
+
+
+@pytest.mark.skipif(
+    not TRITON_INTERPRETER, reason="needs Triton and TRITON_INTERPRET=1 before it is imported"
+)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("kind", ["exact", "sparse"])
+def test_the_triton_kernels_per_chunk_match_the_float64_definition(reduction, kind):
+    """The CUDA path (the Triton one-pass kernel on each chunk) on CPU tensors under the interpreter."""
+    h, w, b, y = problem(torch.float32)
+
+    def ours(h, w, b, y):
+        with cpu_options("triton"):
+            return lsr.linear_label_smoothing(
+                h, w, y, 0.1, bias=b, reduction=reduction, chunk_rows=8, sparse=kind == "sparse"
+            )
+
+    def reference(h, w, b, y):
+        logits = F.linear(h.double(), w.double(), b.double())
+        if kind == "sparse":
+            return lsr.sparse_reference(logits, y, 0.1, reduction)
+        return F.cross_entropy(logits, y, label_smoothing=0.1, reduction=reduction)
+
+    loss, grads = run(ours, h, w, b, y)
+    ref_loss, ref_grads = run(reference, h, w, b, y)
+    tol = TOLERANCE[torch.float32]
+    torch.testing.assert_close(loss, ref_loss, rtol=tol, atol=tol * (ref_loss.abs().max().item() + 1))
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * (want.abs().max().item() + 1e-3))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

@@ -187,10 +187,11 @@ double scalar_sum_exp(const scalar_t* z, int64_t C, double m, int64_t excluded) 
 // --- row_stats -------------------------------------------------------------------------------------------
 
 // Step 2: sum_j exp(z_j - m) over j != excluded (-1: every j), z read from `src`; written to `dst`
-// too when it is not null (the one-pass mode: dst = src, in place). While it computes exps the next
+// too when kStore (the one-pass mode: dst = src, in place; a template argument, so that the loop
+// tests nothing per vector). While it computes exps the next
 // row (if any) is prefetched, so that its step 1 reads from cache: the read from memory overlaps the
 // arithmetic, as it does in a streaming exp(z, out=).
-template <typename src_t, typename acc_t, typename next_t>
+template <bool kStore, typename src_t, typename acc_t, typename next_t>
 LSR_FLATTEN double exp_sum(
     const src_t* src, acc_t* dst, int64_t C, double m, int64_t excluded, const next_t* next_row) {
   using Vec = Vectorized<acc_t>;
@@ -209,7 +210,7 @@ LSR_FLATTEN double exp_sum(
       v = Vec::loadu(lanes);
     }
     const Vec e = vec_exp(v - vm);
-    if (dst) e.store(dst + j);
+    if constexpr (kStore) e.store(dst + j);
     return e;
   };
   double sum = 0;
@@ -235,7 +236,7 @@ LSR_FLATTEN double exp_sum(
     for (int64_t j = C_vec; j < C; ++j) tail[j - C_vec] = j == excluded ? kMinusInf : static_cast<acc_t>(src[j]);
     vec_exp(Vec::loadu(tail) - vm).store(tail);
     for (int64_t j = C_vec; j < C; ++j) {
-      if (dst) dst[j] = tail[j - C_vec];
+      if constexpr (kStore) dst[j] = tail[j - C_vec];
       sum += tail[j - C_vec];
     }
   }
@@ -252,10 +253,10 @@ std::pair<double, double> stats_row(
   const bool finite = !(std::isnan(m) || m == kInf);
   if (m == -kInf) m = 0;  // a row of -inf only: lse = -inf, not NaN
   if (!P.sparse) {
-    const double total = finite ? exp_sum<scalar_t, acc_t, scalar_t>(z, nullptr, C, m, -1, next_row) : scalar_sum_exp(z, C, m, -1);
+    const double total = finite ? exp_sum<false, scalar_t, acc_t, scalar_t>(z, nullptr, C, m, -1, next_row) : scalar_sum_exp(z, C, m, -1);
     return {m + std::log(total), r.dot};
   }
-  const double non_target = finite ? exp_sum<scalar_t, acc_t, scalar_t>(z, nullptr, C, m, y, next_row) : scalar_sum_exp(z, C, m, y);
+  const double non_target = finite ? exp_sum<false, scalar_t, acc_t, scalar_t>(z, nullptr, C, m, y, next_row) : scalar_sum_exp(z, C, m, y);
   const double total = non_target + std::exp(static_cast<double>(z[y]) - m);
   return {m + std::log(total), non_target / total};
 }
@@ -371,7 +372,7 @@ LSR_FLATTEN double onepass_row(
   if (m == -kInf) m = 0;  // a row of -inf only: lse = -inf, not NaN
   const double z_y = static_cast<double>(e[y]);
   // SparseLSR needs the sum of the non-target terms: the target's exp is left out (written as 0)
-  const double sum = exp_sum<acc_t, acc_t, scalar_t>(e, e, C, m, P.sparse ? y : -1, next_row);
+  const double sum = exp_sum<true, acc_t, acc_t, scalar_t>(e, e, C, m, P.sparse ? y : -1, next_row);
   const double e_y = P.sparse ? std::exp(z_y - m) : static_cast<double>(e[y]);
   const double total = P.sparse ? sum + e_y : sum;
   const RowCoefficients r = row_coefficients(P, s, m, total, sum, e_y, z_y, stats.dot, w_y);

@@ -33,11 +33,11 @@ FLOOR = "floor exp(z, out=buf)"
 
 
 def variants(
-    n_rows: int, n_cols: int, fallback: bool
+    n_rows: int, n_cols: int, fallback: bool, dtype: torch.dtype = torch.float32
 ) -> dict[str, tuple[Callable[[], None], Callable[[], object]]]:
     """name -> (restore, call): `restore` (untimed) puts fresh logits back, `call` is timed."""
     gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(n_rows, n_cols, generator=gen) * 2
+    logits = (torch.randn(n_rows, n_cols, generator=gen) * 2).to(dtype)
     target = torch.randint(0, n_cols, (n_rows,), generator=gen)
     scale = torch.full((n_rows,), 1.0 / n_rows)  # the mean's upstream gradient
     work = torch.empty_like(logits)
@@ -86,21 +86,10 @@ def measure(
     fallback: bool,
     markdown: bool = False,
     clock=time.perf_counter,
+    dtype: torch.dtype = torch.float32,
 ) -> str:
-    chosen = variants(n_rows, n_cols, fallback)
-    for restore, call in chosen.values():  # warm-up (allocator, compilation), never timed
-        restore()
-        call()
-    by_round: dict[str, list[list[float]]] = {name: [] for name in chosen}
-    for _ in range(rounds):
-        for name, (restore, call) in chosen.items():
-            times = []
-            for _ in range(calls):
-                restore()
-                start = clock()
-                call()
-                times.append(clock() - start)
-            by_round[name].append(times)
+    chosen = variants(n_rows, n_cols, fallback, dtype)
+    by_round = _time_rounds(chosen, rounds, calls, clock)
 
     def ratio(name: str) -> float:
         return statistics.median(
@@ -119,6 +108,59 @@ def measure(
     )
 
 
+def measure_scaling(
+    n_rows: int, n_cols: int, rounds: int, calls: int, dtype: torch.dtype, markdown: bool
+) -> str:
+    """Each variant at 1 thread and at torch's count, interleaved in every round (the sweep's 1-thread
+    and all-core rows are measured minutes apart): speedup, and parallel efficiency over the floor's."""
+    threads = torch.get_num_threads()
+    chosen = variants(n_rows, n_cols, False, dtype)
+    by_threads: dict[int, dict[str, list[list[float]]]] = {1: {name: [] for name in chosen}, threads: {}}
+    by_threads[threads] = {name: [] for name in chosen}
+    try:
+        for _ in range(rounds):
+            for count in (1, threads):
+                torch.set_num_threads(count)
+                for name, per_round in _time_rounds(chosen, 1, calls, time.perf_counter).items():
+                    by_threads[count][name] += per_round
+    finally:
+        torch.set_num_threads(threads)
+
+    def speedup(name: str) -> float:
+        pairs = zip(by_threads[1][name], by_threads[threads][name], strict=True)
+        return statistics.median(statistics.median(a) / statistics.median(b) for a, b in pairs)
+
+    rows = [
+        [
+            name,
+            f"{speedup(name):.2f}",
+            f"{speedup(name) / threads:.2f}",
+            f"{speedup(name) / speedup(FLOOR):.2f}",
+        ]
+        for name in chosen
+    ]
+    headers = ["variant", f"1 -> {threads} threads", "efficiency", "x floor's"]
+    return format_table(headers, rows, align="lrrr", markdown=markdown)
+
+
+def _time_rounds(chosen, rounds: int, calls: int, clock) -> dict[str, list[list[float]]]:
+    """{name: one list of `calls` times per round}, the variants interleaved within each round."""
+    for restore, call in chosen.values():  # warm-up (allocator, compilation), never timed
+        restore()
+        call()
+    by_round: dict[str, list[list[float]]] = {name: [] for name in chosen}
+    for _ in range(rounds):
+        for name, (restore, call) in chosen.items():
+            times = []
+            for _ in range(calls):
+                restore()
+                start = clock()
+                call()
+                times.append(clock() - start)
+            by_round[name].append(times)
+    return by_round
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="4096x1000,4096x10000,1024x32768", help="NxC,NxC,...")
@@ -127,7 +169,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fallback", action="store_true", help="also time the plain-PyTorch fallback")
     parser.add_argument("--markdown", action="store_true", help="pipe tables")
     parser.add_argument("--cpu-time", action="store_true", help="one thread's CPU time, not wall-clock")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    parser.add_argument(
+        "--scaling",
+        action="store_true",
+        help="speedup from 1 thread to all, interleaved, against the floor's",
+    )
     args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
     clock = time.perf_counter
     if args.cpu_time:
         torch.set_num_threads(1)
@@ -141,8 +190,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     for size in args.sizes.split(","):
         n_rows, n_cols = (int(v) for v in size.lower().split("x"))
-        print(f"\n{n_rows} x {n_cols} float32")
-        print(measure(n_rows, n_cols, args.rounds, args.calls, args.fallback, args.markdown, clock))
+        print(f"\n{n_rows} x {n_cols} {args.dtype}")
+        if args.scaling:
+            print(measure_scaling(n_rows, n_cols, args.rounds, args.calls, dtype, args.markdown))
+        else:
+            print(
+                measure(n_rows, n_cols, args.rounds, args.calls, args.fallback, args.markdown, clock, dtype)
+            )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import lsr
+import lsr.heads
 from lsr.bench import sweep as grids
 from lsr.bench.data import Case
 
@@ -84,10 +85,21 @@ def check_writable(directory: Path, what: str) -> None:
         raise UsageError(f"{what} {directory}: cannot write there ({e.strerror or e})") from None
 
 
-def _check_named(names: list[str], device: str, chosen: list[grids.Grid]) -> None:
+def _check_named(names: list[str], device: str, chosen: list[grids.Grid | grids.HeadGrid]) -> None:
     """Named implementations must run on the device, take every class count asked for, and take
     class weights or ignored targets where those are all that is asked for (the default list instead
-    leaves them out where they cannot, as the grid does)."""
+    leaves them out where they cannot, as the grid does). A head preset's names must be head losses
+    (`lsr.heads`), whose cases are all recorded, a reason in each row that cannot run."""
+    if any(isinstance(grid, grids.HeadGrid) for grid in chosen):
+        logits_losses = [name for name in names if name not in lsr.heads.HEAD_REGISTRY]
+        if logits_losses:
+            raise UsageError(
+                f"{', '.join(logits_losses)}: not head losses; a head preset takes {', '.join(lsr.heads.HEAD_REGISTRY)}"
+            )
+        return
+    head_losses = [name for name in names if name not in lsr.REGISTRY]
+    if head_losses:
+        raise UsageError(f"{', '.join(head_losses)}: head losses, measured by --preset head")
     cannot = [name for name in names if not lsr.get(name).runs_on(device)]
     if cannot:
         raise UsageError(f"{', '.join(cannot)} cannot run on {device} here (see lsr.REGISTRY)")
@@ -121,8 +133,23 @@ class Plan:
         return fields[0] if len(fields) == 1 else fields
 
 
-def _with_options(args, base: grids.Grid) -> grids.Grid:
-    """`base` with each axis the command line names replaced."""
+def _with_options(args, base: grids.Grid | grids.HeadGrid) -> grids.Grid | grids.HeadGrid:
+    """`base` with each axis the command line names replaced (of a head grid: --batch its tokens,
+    --classes its vocabulary, --hidden its H)."""
+    if isinstance(base, grids.HeadGrid):
+        return grids.HeadGrid(
+            implementations=args.impl or base.implementations,
+            devices=base.devices,
+            dtypes=args.dtype or base.dtypes,
+            tokens=args.batch or base.tokens,
+            hidden=args.hidden or base.hidden,
+            vocab=args.classes or base.vocab,
+            smoothings=args.smoothing or base.smoothings,
+            passes=args.pass_ or base.passes,
+            threads=args.threads or base.threads,
+        )
+    if args.hidden:
+        raise UsageError("--hidden is an axis of the head presets (--preset head)")
     return grids.Grid(
         implementations=args.impl or base.implementations,
         devices=base.devices,
@@ -146,8 +173,12 @@ def plans(args) -> list[Plan]:
         raise UsageError(f"device {', '.join(missing)} is not present on this machine")
     plans = []
     for device in devices:
-        bases = [
-            replace(base, implementations=[n for n in base.implementations if lsr.get(n).runs_on(device)])
+        bases = [  # a head grid keeps every head loss: its rows say why one cannot run here
+            base
+            if isinstance(base, grids.HeadGrid)
+            else replace(
+                base, implementations=[n for n in base.implementations if lsr.get(n).runs_on(device)]
+            )
             for base in grids.preset_grids(args.preset, device)
         ]
         if not bases:

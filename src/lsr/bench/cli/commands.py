@@ -174,8 +174,11 @@ def _refuse_replacing(out_dir: Path, plan: Plan, args, lead: bool) -> None:
             chart.unlink()
 
 
+DEFAULT_OUT = {"full": "results", "head": "results/head"}  # others: results/quick
+
+
 def _run(args, shard: Shard | None) -> int:
-    args.out = Path(args.out or ("results" if args.preset == "full" else "results/quick"))
+    args.out = Path(args.out or DEFAULT_OUT.get(args.preset, "results/quick"))
     if shard is not None and not args.device:
         args.device = _sharded_devices(shard)
     planned = plans(args)

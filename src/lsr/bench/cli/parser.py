@@ -7,6 +7,7 @@ import argparse
 import sys
 
 import lsr
+import lsr.heads
 from lsr.bench.cli.arguments import (
     AT_LEAST_ONE,
     EXIT_USAGE,
@@ -46,13 +47,22 @@ def _run_parser(sub) -> None:
         help="the grids to start from, a few per device; each option below replaces its axis in every one",
     )
     run.add_argument(
-        "--impl", nargs="+", choices=list(lsr.REGISTRY), help="implementations (default: all that run)"
+        "--impl",
+        nargs="+",
+        choices=[*lsr.REGISTRY, *lsr.heads.HEAD_REGISTRY],
+        help="implementations (default: all that run; of a head preset, every head loss)",
     )
     run.add_argument("--device", nargs="+", choices=DEVICES, help="devices (default: every present one)")
     axes = "(default: the preset's)"
     run.add_argument("--dtype", nargs="+", choices=list(DTYPES), help=f"logits dtypes {axes}")
     run.add_argument("--batch", nargs="+", type=AT_LEAST_ONE, help=f"batch sizes N, each >= 1 {axes}")
     run.add_argument("--classes", nargs="+", type=AT_LEAST_ONE, help=f"class counts C, each >= 1 {axes}")
+    run.add_argument(
+        "--hidden",
+        nargs="+",
+        type=AT_LEAST_ONE,
+        help=f"a head preset's hidden sizes H (--batch: its tokens, --classes: its vocabulary) {axes}",
+    )
     run.add_argument("--smoothing", nargs="+", type=PROBABILITY, help=f"label smoothing in [0, 1] {axes}")
     run.add_argument("--pass", dest="pass_", nargs="+", choices=PASSES, help=f"passes timed {axes}")
     run.add_argument(
@@ -67,7 +77,7 @@ def _run_parser(sub) -> None:
     )
     run.add_argument(
         "--out",
-        help="results root; each device writes to OUT/<device>/ (default: results/ for full, results/quick/ otherwise)",
+        help="results root; each device writes to OUT/<device>/ (default: results/ for full, results/head/ for head, results/quick/ otherwise)",
     )
     run.add_argument(
         "--resume",

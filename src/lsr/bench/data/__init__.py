@@ -18,15 +18,18 @@ from lsr.bench.data.rows import (
     write_rows,
 )
 from lsr.bench.data.schema import (
+    ALL_FLOORS,
     BUSY_LOAD,
     CASE_KEY,
     COLUMN_TYPES,
     COLUMNS,
     FLOOR,
     FLOOR_ALLOC,
+    FLOOR_GEMM,
     FLOOR_PEAK_FACTOR,
     FLOORS,
     FWD_BWD,
+    HEAD_FLOORS,
     IGNORE_INDEX,
     KINDS,
     METADATA_FILE,
@@ -46,6 +49,9 @@ from lsr.bench.data.schema import (
 
 __all__ = [
     "ADDED_LATER",
+    "ALL_FLOORS",
+    "FLOOR_GEMM",
+    "HEAD_FLOORS",
     "BUSY_LOAD",
     "CASE_DEFAULTS",
     "CASE_KEY",

@@ -9,13 +9,14 @@ Schema version {version}:
 
 {columns}
 
-The two floors, measured once per (device, dtype, batch, classes, threads), forward+backward, on the
-same logits:
+The floors: the logits losses' two, measured once per (device, dtype, batch, classes, threads),
+forward+backward, on the same logits; the head losses' one:
 
 | floor | what | the reference of |
 |---|---|---|
 | floor | `torch.exp(z, out=buf)` into one buffer kept across calls | implementations that write their gradient over the logits: they write no new tensor either |
 | floor-alloc | `torch.exp(z)` into a new tensor every call: allocation and first touch of fresh pages included | every other implementation: it allocates its gradient |
+| floor-gemm | the three GEMMs of an LM head alone (logits, d_hidden, d_weight), at a head case's shapes and dtype, once per (device, dtype, tokens, hidden, vocabulary, threads) | the head losses (`lsr.heads`): rows with hidden > 0 |
 
 `floor_for(implementation)` names an implementation's floor.
 
@@ -54,13 +55,18 @@ STATUSES: tuple[Status, ...] = get_args(Status)
 FWD_BWD: Pass = "forward+backward"
 FLOOR = "floor"  # the implementation name (and smoothing kind) of torch.exp(z, out=buf) on the same logits
 FLOOR_ALLOC = "floor-alloc"  # torch.exp(z) into a new tensor each call; its smoothing kind is FLOOR too
-FLOORS = (FLOOR, FLOOR_ALLOC)
+FLOORS = (FLOOR, FLOOR_ALLOC)  # of the logits losses
+# The head losses' floor (`lsr.heads`): the three GEMMs alone (logits, d_hidden, d_weight) at the case's
+# shapes and dtype, measured once per (device, dtype, tokens, hidden, vocabulary, threads)
+FLOOR_GEMM = "floor-gemm"
+HEAD_FLOORS = (FLOOR_GEMM,)
+ALL_FLOORS = (*FLOORS, *HEAD_FLOORS)
 FLOOR_PEAK_FACTOR = 1.0  # what a floor allocates beyond its inputs, in logits (FLOOR: its buffer)
 KINDS = (*SMOOTHING_KINDS, FLOOR)
 IGNORE_INDEX = -100  # the target value of an ignored row (F.cross_entropy's default)
 RESULTS_FILE, METADATA_FILE = "results.csv", "metadata.json"
 PARTS_DIR = "parts"  # a sharded sweep's rows per rank (rank-K.csv) until rank 0 merges them
-SCHEMA_VERSION = 6  # of results.csv and metadata.json; raise it with every column or status added
+SCHEMA_VERSION = 7  # of results.csv and metadata.json; raise it with every column or status added
 # Other processes using more than this fraction of the machine's CPU time during a case make it busy.
 BUSY_LOAD = 0.10
 
@@ -87,8 +93,8 @@ COLUMNS = (
     Column("smoothing_kind", str, '"exact", "sparse", or "floor" (both floors)'),
     Column("device", str, "device type: cpu, cuda, mps", key=True),
     Column("dtype", str, "logits dtype: float32, float64, float16, bfloat16", key=True),
-    Column("batch", int, "N of the (N, C) logits", key=True),
-    Column("classes", int, "C of the (N, C) logits", key=True),
+    Column("batch", int, "N of the (N, C) logits; of a head case, the tokens", key=True),
+    Column("classes", int, "C of the (N, C) logits; of a head case, the vocabulary V", key=True),
     Column(
         "smoothing",
         float,
@@ -154,6 +160,15 @@ COLUMNS = (
         "torch's intra-op thread count the case ran with; part of the case key since 5 (a run may "
         "measure a case at 1 thread and at all cores)",
         optional=True,
+        key=True,
+    ),
+    Column(
+        "hidden",
+        int,
+        "0 for a logits loss; H of a head case (`lsr.heads`): (N, H) hidden states times a (V, H) "
+        "lm_weight, its logits never given",
+        since=7,
+        before=0,
         key=True,
     ),
     Column("min_time", float, "the run's timing budget per case (s)", optional=True, since=2),
@@ -265,13 +280,18 @@ class Case:
     ignore_fraction: float = 0.0  # of the targets, set to IGNORE_INDEX
     weighted: bool = False  # class weights on
     threads: int | None = None  # torch's intra-op threads; None: whatever torch has when it runs
+    hidden: int = 0  # a head case's H (`lsr.heads`): batch is then its tokens, classes its vocabulary
 
     def key(self) -> tuple:
         return case_key(self.as_dict())
 
     @property
     def is_floor(self) -> bool:
-        return self.implementation in FLOORS
+        return self.implementation in ALL_FLOORS
+
+    @property
+    def is_head(self) -> bool:
+        return self.hidden > 0
 
     def as_dict(self) -> dict:
         row = asdict(self)
@@ -291,12 +311,17 @@ def floor_for(implementation) -> str:
     Example:
         >>> floor_for("fused-exact-inplace"), floor_for("native"), floor_for(FLOOR), floor_for("unknown")
         ('floor', 'floor-alloc', 'floor', 'floor-alloc')
+        >>> floor_for("head-exact")
+        'floor-gemm'
     """
-    from lsr.registry import REGISTRY  # the schema is read by tools that need no loss: imported late
+    from lsr.heads import HEAD_REGISTRY  # the schema is read by tools that need no loss: imported late
+    from lsr.registry import REGISTRY
 
     name = implementation if isinstance(implementation, str) else implementation.name
-    if name in FLOORS:
+    if name in ALL_FLOORS:
         return name
+    if name in HEAD_REGISTRY:
+        return FLOOR_GEMM
     impl = REGISTRY.get(name) if isinstance(implementation, str) else implementation
     return FLOOR if impl is not None and impl.overwrites_logits else FLOOR_ALLOC
 

@@ -1,12 +1,19 @@
-"""The measuring layer: one case's inputs and timed pass (`problem`), its time (`timing`), its peak
-memory (`memory`), the correctness gate before any timing (`gate`), and the machine it ran on
-(`machine`). It reads the results vocabulary (`lsr.bench.data`) and the registry; nothing here knows
+"""The measuring layer: one case's inputs and timed pass (`problem`; a head case's, `head`), its
+time (`timing`), its peak memory (`memory`), the correctness gate before any timing (`gate`; a head
+case's in `head`), and the machine it ran on (`machine`). It reads the results vocabulary (`lsr.bench.data`) and the registry; nothing here knows
 of sweeps, reports or the command line.
 
 Re-exported here: what the sweep, the suites and the tests call.
 """
 
 from lsr.bench.measure.gate import GATE_ROWS, GATE_TOLERANCE, GateFailure, check_against_reference
+from lsr.bench.measure.head import (
+    HEAD_GATE_TOKENS,
+    HeadProblem,
+    HeadTimedPass,
+    check_head_against_reference,
+    estimated_head_peak_bytes,
+)
 from lsr.bench.measure.machine import (
     OtherLoad,
     available_bytes,
@@ -44,6 +51,11 @@ __all__ = [
     "CUDA_EVENTS",
     "GATE_ROWS",
     "GATE_TOLERANCE",
+    "HEAD_GATE_TOKENS",
+    "HeadProblem",
+    "HeadTimedPass",
+    "check_head_against_reference",
+    "estimated_head_peak_bytes",
     "L2_FLUSH",
     "L2_FLUSH_VARIABLE",
     "PERF_COUNTER",

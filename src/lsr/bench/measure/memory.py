@@ -13,7 +13,9 @@ from collections.abc import Callable
 import torch
 
 import lsr
+import lsr.heads
 from lsr.bench.data import FLOOR_PEAK_FACTOR, Case
+from lsr.bench.measure.head import estimated_head_peak_bytes
 from lsr.bench.measure.problem import prepare_if_asked
 from lsr.bench.measure.timing import L2_FLUSH, l2_flush_bytes
 from lsr.types import DTYPES
@@ -96,9 +98,12 @@ def peak_rss_bytes(fn: Callable[[], object]) -> int | None:
 
 def estimated_peak_bytes(case: Case) -> int:
     """What `case` needs at its peak: logits and targets, the implementation's factor x logits, and
-    on CUDA the L2 flush buffer when flushing."""
-    logits = case.batch * case.classes * DTYPES[case.dtype].itemsize
-    factor = FLOOR_PEAK_FACTOR if case.is_floor else lsr.get(case.implementation).peak_factor
+    on CUDA the L2 flush buffer when flushing; for a head case, `estimated_head_peak_bytes`."""
     flushing = case.device == "cuda" and L2_FLUSH.get("cuda", False) and torch.cuda.is_available()
     flush = l2_flush_bytes(case.device) if flushing else 0
+    if case.is_head:
+        impl = None if case.is_floor else lsr.heads.get(case.implementation)
+        return estimated_head_peak_bytes(case, impl) + flush
+    logits = case.batch * case.classes * DTYPES[case.dtype].itemsize
+    factor = FLOOR_PEAK_FACTOR if case.is_floor else lsr.get(case.implementation).peak_factor
     return int(logits * (1 + factor)) + case.batch * 8 + flush

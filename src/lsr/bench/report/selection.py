@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from lsr.bench.data import FLOORS, FWD_BWD
+from lsr.bench.data import ALL_FLOORS, FWD_BWD
 
 MiB = 2**20
 CHARTS = (
@@ -42,7 +42,7 @@ def index_rows(rows: list[dict]) -> dict[IndexKey, dict]:
 
 
 def is_floor(row: dict) -> bool:
-    return row["implementation"] in FLOORS
+    return row["implementation"] in ALL_FLOORS
 
 
 def implementations(rows: list[dict]) -> list[str]:

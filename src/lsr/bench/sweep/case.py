@@ -11,11 +11,10 @@ from collections.abc import Iterator
 
 import torch
 
-import lsr
 from lsr.bench import measure
 from lsr.bench.data import BUSY_LOAD, FLOOR, Case, new_row
 from lsr.bench.sweep import isolate as isolation
-from lsr.bench.sweep.grid import refusal
+from lsr.bench.sweep.grid import implementation_of, refusal
 from lsr.types import LossFn
 
 
@@ -31,9 +30,15 @@ def is_out_of_memory(error: BaseException) -> bool:
 _commit = functools.cache(measure.git_commit)  # one per process: two git calls, not two per row
 
 
+def make_problem(case: Case, logit_std: float):
+    """The inputs of `case`: logits and targets, or for a head case hidden states, an lm_weight and targets."""
+    make = measure.HeadProblem.make if case.is_head else measure.Problem.make
+    return make(case, logit_std=logit_std)
+
+
 def base_row(case: Case) -> dict:
     """The row of `case` before anything is measured, with the settings it is measured under."""
-    kind = FLOOR if case.is_floor else lsr.get(case.implementation).smoothing_kind
+    kind = FLOOR if case.is_floor else implementation_of(case).smoothing_kind
     threads = torch.get_num_threads() if case.threads is None else case.threads
     return new_row(case, kind) | {
         "threads": threads,
@@ -73,8 +78,8 @@ def collect_garbage() -> None:
 def bandwidth_fields(row: dict, copy_bandwidth: float | None) -> dict:
     """A forward+backward row's least traffic per second (read the logits, write the gradient), and
     that as a fraction of the device's copy bandwidth; nothing for other passes."""
-    if row["pass"] != "forward+backward" or not row["median_s"]:
-        return {}
+    if row["pass"] != "forward+backward" or not row["median_s"] or row.get("hidden"):
+        return {}  # a head case's least traffic is not its logits': it never need hold them
     achieved = 2 * row["logits_bytes"] / row["median_s"]
     fraction = achieved / copy_bandwidth if copy_bandwidth else None
     return {"bandwidth_bytes_per_s": achieved, "bandwidth_fraction": fraction}
@@ -95,12 +100,14 @@ def measure_case(
     """
     row = base_row(case)
     device = torch.device(case.device)
-    impl = None if case.is_floor else lsr.get(case.implementation)
+    impl = implementation_of(case)
+    timed_pass = measure.HeadTimedPass if case.is_head else measure.TimedPass
+    gate = measure.check_head_against_reference if case.is_head else measure.check_against_reference
     try:
-        timed = measure.TimedPass(case, problem, impl, loss_fn)
+        timed = timed_pass(case, problem, impl, loss_fn)
         first_call_s = measure.timed_call(timed)
         if impl is not None:
-            row["max_rel_error"] = measure.check_against_reference(case, problem, impl, loss_fn)
+            row["max_rel_error"] = gate(case, problem, impl, loss_fn)
         with measure.OtherLoad(resolution=BUSY_LOAD / 2) as load:
             timing = measure.time_pass(timed, min_time=min_time, first_call_s=first_call_s)
         row.update(timing.row_fields())  # median, IQR, runs, threads, first call, timer, wall and host time
@@ -125,7 +132,15 @@ def measure_case(
 
 def _size(case: Case) -> tuple:
     """What one set of inputs serves: a size, its ignored targets and its class weights."""
-    return (case.device, case.dtype, case.batch, case.classes, case.ignore_fraction, case.weighted)
+    return (
+        case.device,
+        case.dtype,
+        case.batch,
+        case.classes,
+        case.hidden,
+        case.ignore_fraction,
+        case.weighted,
+    )
 
 
 def measure_cases(
@@ -152,6 +167,15 @@ def measure_cases(
         torch.set_num_threads(own_threads)
 
 
+def held_bytes(problem) -> int:
+    """The bytes of a problem's floating inputs (what this process holds for its cases)."""
+    if isinstance(problem, measure.HeadProblem):
+        tensors = (problem.hidden, problem.lm_weight)
+    else:
+        tensors = (problem.logits,)
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def _measure_cases(cases, logit_std, min_time, loss_fns, copy_bandwidths, cuda_device) -> Iterator[dict]:
     if cuda_device is not None:
         torch.cuda.set_device(cuda_device)
@@ -163,11 +187,11 @@ def _measure_cases(cases, logit_std, min_time, loss_fns, copy_bandwidths, cuda_d
         if why_not is None and _size(case) != size:
             size, problem, problem_error = _size(case), None, None
             collect_garbage()  # the previous inputs go before these are weighed and made
-        held = 0 if problem is None else case.batch * case.classes * problem.logits.element_size()
+        held = 0 if problem is None else held_bytes(problem)
         why_not = why_not or memory_refusal(case, held)
         if why_not is None and problem is None and problem_error is None:
             try:
-                problem = measure.Problem.make(case, logit_std=logit_std)
+                problem = make_problem(case, logit_std)
             except Exception as e:  # noqa: BLE001
                 problem_error = e
         if why_not is not None:

@@ -20,6 +20,7 @@ Where `asv run`'s time went, and what keeps it short (measured in the README's a
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 # Before torch is imported: one inductor cache for every process, compilation in-process (a worker
@@ -33,10 +34,20 @@ import torch  # noqa: E402
 
 import lsr  # noqa: E402
 
-from .profiles import IGNORE_INDEX, IMPLEMENTATIONS, SMOOTHING, device, profile  # noqa: E402
+from .profiles import (  # noqa: E402
+    HEAD_IMPLEMENTATIONS,
+    HEAD_SMOOTHINGS,
+    IGNORE_INDEX,
+    IMPLEMENTATIONS,
+    SMOOTHING,
+    device,
+    head_profile,
+    profile,
+)
 
 DEVICE = device()
 PROFILE = profile()
+HEAD_PROFILE = head_profile()
 
 
 def _flag(impl, name: str) -> bool:
@@ -234,4 +245,91 @@ class Floor:
 
     def time_exp(self, *_):
         torch.exp(self.logits, out=self.out)
+        _synchronize()
+
+
+# --- the LM head losses (lsr.heads, from the commit that added them) ------------------------------------
+
+
+def _head_registry() -> dict:
+    try:
+        import lsr.heads  # noqa: F401 - lsr.heads below
+    except ImportError:  # a commit from before the head losses
+        return {}
+    return lsr.heads.HEAD_REGISTRY
+
+
+def _head_inputs(tokens: int, hidden: int, vocab: int):
+    """Hidden states N(0, 1), an lm_weight N(0, 4 / H) (logits of std 2, as the logits losses'),
+    targets; made once per process."""
+    key = ("head", tokens, hidden, vocab)
+    if key not in _inputs:
+        gen = torch.Generator().manual_seed(0)
+        h = torch.randn(tokens, hidden, generator=gen)
+        w = torch.randn(vocab, hidden, generator=gen) * (2.0 / hidden**0.5)
+        y = torch.randint(0, vocab, (tokens,), generator=gen)
+        _inputs[key] = (h.to(DEVICE).requires_grad_(True), w.to(DEVICE).requires_grad_(True), y.to(DEVICE))
+    return _inputs[key]
+
+
+class HeadLoss:
+    """Forward+backward of each LM head loss (gradients of hidden and lm_weight returned, never
+    accumulated): time and peak allocated bytes above the inputs."""
+
+    params = (
+        list(HEAD_IMPLEMENTATIONS),
+        list(HEAD_PROFILE["tokens"]),
+        list(HEAD_PROFILE["hidden"]),
+        list(HEAD_PROFILE["vocab"]),
+        list(HEAD_SMOOTHINGS),
+    )
+    param_names = ["implementation", "tokens", "hidden", "vocab", "smoothing"]
+    timeout = 600
+    repeat = Loss.repeat
+    rounds = Loss.rounds
+    warmup_time = Loss.warmup_time
+
+    def setup(self, name, tokens, hidden, vocab, smoothing):
+        impl = _head_registry().get(name)
+        if impl is None:
+            raise NotImplementedError(f"{name} is not a head loss at this commit")
+        reason = None if impl.runs_on(DEVICE) else f"{name} does not run on {DEVICE} here"
+        if reason or impl.unsupported(smoothing=smoothing):
+            raise NotImplementedError(reason or impl.unsupported(smoothing=smoothing))
+        self.h, self.w, self.y = _head_inputs(tokens, hidden, vocab)
+        self.impl, self.smoothing = impl, smoothing
+        # torch's chunked path at smoothing > 0 warns that it falls back (lsr.heads says so): once is enough
+        warnings.simplefilter("ignore", getattr(lsr.heads, "TorchFellBack", UserWarning))
+
+    def _step(self):
+        loss = self.impl.loss(self.h, self.w, self.y, self.smoothing, "mean", IGNORE_INDEX)
+        out = torch.autograd.grad(loss, (self.h, self.w))
+        _synchronize()
+        return out
+
+    def time_forward_backward(self, *_):
+        self._step()
+
+    def track_peak_bytes(self, *_):
+        return _peak_bytes(self._step)
+
+    track_peak_bytes.unit = "bytes"
+
+
+class FloorGemm:
+    """The three GEMMs of an LM head alone (logits, d_hidden, d_lm_weight): the head losses' floor."""
+
+    params = HeadLoss.params[1:4]
+    param_names = HeadLoss.param_names[1:4]
+    repeat = Loss.repeat
+    rounds = Loss.rounds
+    warmup_time = Loss.warmup_time
+
+    def setup(self, tokens, hidden, vocab):
+        self.h, self.w, _ = _head_inputs(tokens, hidden, vocab)
+
+    def time_gemms(self, *_):
+        with torch.no_grad():
+            z = self.h @ self.w.t()
+            z @ self.w, z.t() @ self.h
         _synchronize()

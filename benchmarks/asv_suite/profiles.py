@@ -37,6 +37,26 @@ PROFILES = {
     # benchmarks/gpu/run.sh --dry-run: the suite's plumbing in seconds, not a measurement
     "dry-run": {"passes": ("forward+backward",), "batches": (64,), "classes": (100,)},
 }
+# The LM head losses (lsr.heads; LSR head cases), forward+backward: fast, one shape (the part-1 head at
+# H 256); full, the CPU head preset's float32 tokens (lsr.bench.sweep.grid.HEAD_PRESETS).
+HEAD_IMPLEMENTATIONS = (
+    "head-exact",
+    "head-sparse",
+    "materialised",
+    "materialised-compiled",
+    "compiled-autochunk",
+    "torch-linear-ce",
+    "torch-linear-ce-chunked",
+    "liger-flce",
+    "cce",
+    "cce-torch-compile",
+)
+HEAD_SMOOTHINGS = (0.0, 0.1)
+HEAD_PROFILES = {
+    "fast": {"tokens": (1024,), "hidden": (256,), "vocab": (32000,)},
+    "full": {"tokens": (512, 2048, 8192), "hidden": (256,), "vocab": (32000,)},
+    "dry-run": {"tokens": (64,), "hidden": (64,), "vocab": (1001,)},
+}
 PROFILE_VARIABLE = "LSR_ASV_PROFILE"
 DEVICE_VARIABLE = "LSR_ASV_DEVICE"
 
@@ -47,6 +67,12 @@ def profile() -> dict:
     if name not in PROFILES:
         raise ValueError(f"unknown {PROFILE_VARIABLE} {name!r}; choose from {', '.join(PROFILES)}")
     return PROFILES[name]
+
+
+def head_profile() -> dict:
+    """The head losses' sizes of the profile $LSR_ASV_PROFILE (default: fast)."""
+    profile()  # the same name check
+    return HEAD_PROFILES[os.environ.get(PROFILE_VARIABLE) or "fast"]
 
 
 def device() -> str:

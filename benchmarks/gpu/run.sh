@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU run: one prepared command for a lent GPU (one H100 or H200), inside 8 minutes.
+# The GPU run: one prepared command for a lent GPU (one H100 or H200), inside 9.5 minutes.
 #
 #   OUT=/some/dir bash benchmarks/gpu/run.sh             # on the GPU machine
 #   OUT=/tmp/gpu_dry PYTHON=.venv/bin/python bash benchmarks/gpu/run.sh --dry-run   # plumbing, on CPU
@@ -7,12 +7,15 @@
 # Phases, each under its own `timeout` (a phase cut short keeps what it wrote, and the next starts):
 #   1. tests (2 min): tests/test_cuda.py and the cuda cases of the device-parametrised loss tests
 #   2. sweep (4.5 min): `lsr-bench run --preset full --device cuda`, rows written as they come
-#   3. bench (1 min): the pytest-benchmark suite, CUDA cases only
-#   4. charts (30 s): the sweep's summary, then its charts, packed into one archive
+#   3. head (1.5 min): `lsr-bench run --preset head --device cuda` (the LM head losses, bfloat16,
+#      H 4096), into head/cuda/, its log appended to sweep.log
+#   4. bench (1 min): the pytest-benchmark suite, CUDA cases only
+#   5. charts (30 s): the sweeps' summaries, then their charts, packed into one archive
 # Everything lands under $OUT, at most 8 files (what the device tool brings back):
 #   run.log  tests.log  sweep.log  results/cuda/results.csv  results/cuda/metadata.json
-#   bench.log  bench.json  charts.tar.gz (results/README.md, the summary, and results/<device>/*.png,
-#   the charts: `tar -xzf charts.tar.gz` in $OUT puts them beside results.csv)
+#   bench.log  bench.json  charts.tar.gz (results/README.md, the summary, results/<device>/*.png,
+#   the charts, and the head sweep's folder head/<device>/ with its results.csv, metadata.json and
+#   charts, and head/README.md: `tar -xzf charts.tar.gz` in $OUT puts them in place)
 #
 # The machine's own python3 (torch 2.11.0+cu130, Triton 3.6.0, pytest, pytest-benchmark, matplotlib,
 # psutil, tqdm; no network): `src` goes on PYTHONPATH, nothing is installed, except wheels brought in
@@ -36,7 +39,7 @@ case "${1:-}" in
 esac
 : "${OUT:?set OUT to the output directory}"
 PY=${PYTHON:-python3}
-BUDGET=${LSR_GPU_RUN_BUDGET:-450}  # seconds for all phases (each may overrun by its 10 s of grace): inside 8 minutes
+BUDGET=${LSR_GPU_RUN_BUDGET:-540}  # seconds for all phases (each may overrun by its 10 s of grace): inside 9.5 minutes
 mkdir -p "$OUT"
 LOG="$OUT/run.log"
 : >"$LOG"
@@ -93,9 +96,9 @@ if ! "$PY" -c "import torch, lsr" >>"$LOG" 2>&1; then
 fi
 
 if ((DRY_RUN)); then
-    DEVICE=cpu PRESET=gpu-dry-run PROFILE=dry-run MIN_TIME=0.01
+    DEVICE=cpu PRESET=gpu-dry-run HEAD_PRESET=head-dry-run PROFILE=dry-run MIN_TIME=0.01
 else
-    DEVICE=cuda PRESET=full PROFILE=fast MIN_TIME=0.05
+    DEVICE=cuda PRESET=full HEAD_PRESET=head PROFILE=fast MIN_TIME=0.05
 fi
 say "gpu run: dry_run=$DRY_RUN device=$DEVICE preset=$PRESET min_time=$MIN_TIME out=$OUT"
 {
@@ -125,19 +128,25 @@ PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfEs -o addopts="" --durations=1
 } >"$OUT/tests.log" 2>&1
 
 # 2. the sweep: rows are written to results.csv as each case is measured.
-phase "sweep: preset $PRESET on $DEVICE" 270 90 \
+phase "sweep: preset $PRESET on $DEVICE" 270 180 \
     "$PY" -m lsr.bench run --preset "$PRESET" --device "$DEVICE" --out "$OUT/results" \
     --min-time "$MIN_TIME" --no-plot --no-progress >"$OUT/sweep.log" 2>&1
 rm -f "$OUT/results/$DEVICE/.lsr-bench.lock"  # left only by a sweep killed outright
 
-# 3. the pytest-benchmark suite, this device's cases only (its JSON is written when it ends).
+# 3. the LM head losses: their own results folder, rows as they come
+phase "head: preset $HEAD_PRESET on $DEVICE" 90 90 \
+    "$PY" -m lsr.bench run --preset "$HEAD_PRESET" --device "$DEVICE" --out "$OUT/head" \
+    --min-time "$MIN_TIME" --no-plot --no-progress >>"$OUT/sweep.log" 2>&1
+rm -f "$OUT/head/$DEVICE/.lsr-bench.lock"
+
+# 4. the pytest-benchmark suite, this device's cases only (its JSON is written when it ends).
 phase "bench: pytest-benchmark, $DEVICE cases" 60 30 \
     env LSR_ASV_PROFILE="$PROFILE" LSR_ASV_DEVICE="$DEVICE" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" \
     benchmarks/pytest_suite -k "$DEVICE" --benchmark-json="$OUT/bench.json" \
     --benchmark-max-time=0.05 --benchmark-min-rounds=3 --benchmark-columns=median,iqr,rounds \
     --benchmark-sort=name >"$OUT/bench.log" 2>&1
 
-# 4. the summary (results/README.md) at once, then the charts beside the results and the summary
+# 5. the summary (results/README.md) at once, then the charts beside the results and the summary
 # again with their links, packed into one archive with their paths (results/<device>/*.png), so that
 # $OUT keeps to 8 files. All of it can be redrawn anywhere from results.csv and metadata.json:
 #   lsr-bench plot results/cuda --summary results
@@ -145,9 +154,12 @@ if [ -f "$OUT/results/$DEVICE/results.csv" ]; then
     phase "summary" 15 25 "$PY" -c 'import sys, pathlib; from lsr.bench.report.summary import write_summary
 print(write_summary(pathlib.Path(sys.argv[1])))' "$OUT/results" >>"$LOG" 2>&1
     phase "charts" 30 0 "$PY" -m lsr.bench plot "$OUT/results/$DEVICE" --summary "$OUT/results" >>"$LOG" 2>&1
+    if [ -f "$OUT/head/$DEVICE/results.csv" ]; then
+        phase "head charts" 20 0 "$PY" -m lsr.bench plot "$OUT/head/$DEVICE" --summary "$OUT/head" >>"$LOG" 2>&1
+    fi
     (
         cd "$OUT" || exit
-        mapfile -t made < <(find results -name '*.png' -o -name README.md | sort)
+        mapfile -t made < <(find results head -name '*.png' -o -name README.md -o -path 'head/*' -type f 2>/dev/null | sort -u)
         if ((${#made[@]})); then
             tar -czf charts.tar.gz "${made[@]}" && rm -f "${made[@]}"
         fi

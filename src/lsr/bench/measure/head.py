@@ -9,12 +9,14 @@ the definition a chunk of rows at a time (never N x V float64 at once).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from lsr.bench.data import FLOOR_GEMM, IGNORE_INDEX, Case
 from lsr.bench.measure.gate import GATE_TOLERANCE, GateFailure
 from lsr.bench.measure.problem import synchronize
-from lsr.heads import HeadImplementation
+from lsr.heads import HeadImplementation, TorchFellBack
 from lsr.types import DTYPES
 
 HEAD_GATE_TOKENS = 1024
@@ -71,9 +73,19 @@ class HeadTimedPass:
         if case.pass_ == "backward":
             self.loss = self._loss()
 
+    note = ""  # what the loss said it did differently (torch's fallback), for the row's message
+
     def _loss(self) -> torch.Tensor:
         p = self.problem
-        return self.loss_fn(p.hidden, p.lm_weight, p.target, self.case.smoothing, "mean", IGNORE_INDEX)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always", TorchFellBack)
+            loss = self.loss_fn(p.hidden, p.lm_weight, p.target, self.case.smoothing, "mean", IGNORE_INDEX)
+        for warning in said:
+            if issubclass(warning.category, TorchFellBack):
+                self.note = f"torch fell back to its materialising path: {str(warning.message)[:120]}"
+            else:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        return loss
 
     def _gemms(self):
         with torch.no_grad():
@@ -137,7 +149,9 @@ def check_head_against_reference(
     target = problem.target[:n]
     hidden = problem.hidden.detach()[:n].clone().requires_grad_(True)
     lm_weight = problem.lm_weight.detach().clone().requires_grad_(True)
-    loss = loss_fn(hidden, lm_weight, target, case.smoothing, "mean", IGNORE_INDEX)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TorchFellBack)  # said by the timed pass, in the row's message
+        loss = loss_fn(hidden, lm_weight, target, case.smoothing, "mean", IGNORE_INDEX)
     d_hidden, d_weight = torch.autograd.grad(loss, (hidden, lm_weight))
     ref_loss, ref_d_hidden, ref_d_weight = reference_mean_and_grads(
         impl, hidden, lm_weight, target, case.smoothing

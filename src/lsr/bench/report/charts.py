@@ -47,7 +47,7 @@ def _log_axes(ax: Axes, x_base: int = 10) -> None:
     ax.grid(True, which="both")
 
 
-def _plain_ticks(axis: Axis) -> None:
+def plain_ticks(axis: Axis) -> None:
     """Ticks at 1, 2, 3 and 5 of every decade of a log axis, written as plain numbers (0.5, 2, 10)."""
     axis.set_major_locator(LogLocator(subs=(1, 2, 3, 5)))
     axis.set_major_formatter("{x:g}")
@@ -221,7 +221,7 @@ def floor_multiple(rows: list[dict], metadata: dict, dtype: str, *, variant: str
     ax.axhline(1, color="black", linestyle="-", linewidth=0.8, label="1 × its floor")
     ax.axhline(2, **style.REFERENCE, label="2 × its floor")
     _log_axes(ax)
-    _plain_ticks(ax.yaxis)
+    plain_ticks(ax.yaxis)
     ylabel = f"fwd+bwd time / its floor's time\n(in place: {FLOOR}; out of place: {FLOOR_ALLOC})"
     ax.set(xlabel="logits N·C", ylabel=ylabel)
     fig.legend(loc="outside right center")
@@ -265,7 +265,7 @@ def bandwidth(rows: list[dict], metadata: dict, dtype: str, *, variant: str = ""
             copy / 1e9, color="black", linewidth=1.6, label=f"copy bandwidth, {format_bandwidth(copy)}"
         )
     _log_axes(ax)
-    _plain_ticks(ax.yaxis)
+    plain_ticks(ax.yaxis)
     if copy:  # the same axis as a share of the copy bandwidth, on the right
         share = ax.twinx()
         share.set_yscale("log")

@@ -18,7 +18,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from lsr.bench.data import RESULTS_FILE, merge
-from lsr.bench.report import charts, selection, style
+from lsr.bench.report import charts, head, selection, style
 from lsr.bench.report.selection import CHARTS, chart_file, dtypes, ok_rows, variants
 from lsr.bench.report.side_by_side import plot_side_by_side, shared_shapes
 
@@ -82,12 +82,17 @@ def plot_run(rows: list[dict], metadata: dict, out_dir: Path, skipped: list[str]
     """Every chart for one run, per dtype (and per variant where it has several). A merged run of
     several machines (`lsr-bench merge`): each machine's charts in out_dir/<machine>/, and their
     forward+backward times side by side, a column per machine, in out_dir/side_by_side.png.
-    `skipped` collects a line per chart the rows cannot make, saying what it needs."""
+    `skipped` collects a line per chart the rows cannot make, saying what it needs. Head rows
+    (`lsr.heads`) get the head charts (`lsr.bench.report.head`) instead."""
+    rows, heads = head.split(rows)
+    written = head.head_charts(heads, metadata, out_dir) if heads else []
+    if not rows:
+        return written
     if merge.is_merged(rows, metadata):
         machines = merge.by_machine(rows, metadata)
         if len(machines) == 1:
-            return _plot_machine(*machines[0][1:], out_dir, skipped)
-        written = [
+            return written + _plot_machine(*machines[0][1:], out_dir, skipped)
+        written += [
             path
             for name, named, own in machines
             for path in _plot_machine(named, own, out_dir / name, skipped)
@@ -95,7 +100,7 @@ def plot_run(rows: list[dict], metadata: dict, out_dir: Path, skipped: list[str]
         if shared_shapes(machines):
             written.append(plot_side_by_side(machines, out_dir / "side_by_side.png"))
         return written
-    return _plot_machine(rows, metadata, out_dir, skipped)
+    return written + _plot_machine(rows, metadata, out_dir, skipped)
 
 
 def _one_thread_count(rows: list[dict]) -> bool:

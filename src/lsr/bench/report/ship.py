@@ -14,6 +14,7 @@ from collections import defaultdict
 
 import lsr
 from lsr.bench.data import FLOOR, floor_for
+from lsr.bench.report import head
 from lsr.bench.report.selection import FWD_BWD, MiB, at_all_cores, implementations, is_floor, ratio
 from lsr.bench.report.tables import format_table
 from lsr.registry import BASELINES  # what a user would otherwise call: the speedups' numerators
@@ -190,9 +191,12 @@ def format_ship_tables(rows: list[dict], markdown: bool = False) -> str:
 def format_ship_report(rows: list[dict]) -> str:
     """What `lsr-bench run` prints after its per-row table: a heading line and the console tables;
     empty when there is nothing to choose from."""
-    tables = format_ship_tables(rows)
-    busy = _busy_left_out(rows)
-    return f"{HEADING} ({CONSOLE_NOTE}):\n\n" + (f"{busy}\n\n" if busy else "") + tables if tables else ""
+    logits_rows, head_rows = head.split(rows)
+    tables = format_ship_tables(logits_rows)
+    busy = _busy_left_out(logits_rows)
+    report = f"{HEADING} ({CONSOLE_NOTE}):\n\n" + (f"{busy}\n\n" if busy else "") + tables if tables else ""
+    heads = head.format_head_ship(head_rows)
+    return "\n\n".join(filter(None, [report, heads]))
 
 
 def ship_section(rows: list[dict]) -> list[str]:

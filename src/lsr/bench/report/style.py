@@ -20,6 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 import lsr
+import lsr.heads
 from lsr.bench.data import FLOOR, FLOOR_ALLOC
 from lsr.bench.report.selection import recorded_copy_bandwidth
 from lsr.bench.report.tables import format_bandwidth, format_caches
@@ -81,7 +82,7 @@ def line_style(name: str) -> dict:
     """
     if name in FLOORS:
         return dict(FLOORS[name])
-    impl = lsr.REGISTRY.get(name)
+    impl = lsr.REGISTRY.get(name) or lsr.heads.HEAD_REGISTRY.get(name)
     color, marker = (impl.chart_style if impl is not None else None) or _hashed(name)
     return {"color": color, "marker": marker, "label": name}
 

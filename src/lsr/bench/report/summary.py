@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from lsr.bench.data import FLOOR, FLOOR_ALLOC, RESULTS_FILE, atomic_write, floor_for, load
+from lsr.bench.report.head import head_section, is_head_row, split
 from lsr.bench.report.selection import (
     CHARTS,
     FWD_BWD,
@@ -83,6 +84,9 @@ RUN_NOTE = (
 )
 
 
+HEAD_NOTE = "head rows (H given): N tokens, C the vocabulary; x floor: forward+backward time / floor-gemm"
+
+
 def format_run_table(rows: list[dict]) -> str:
     """What `lsr-bench run` prints: medians, one line per case, with forward+backward's ratio to the
     floor of its kind (x floor), the bandwidth it achieved (and its share of the copy bandwidth) and
@@ -92,20 +96,25 @@ def format_run_table(rows: list[dict]) -> str:
     floors = {(r["device"], r.get("threads"), *_size_key(r)): r for r in ok_rows(rows) if is_floor(r)}
     varying = [i for i in varying_axes(rows) if VARIANT_AXES[i] != "device"]  # device has a column
     threads = len({r.get("threads") for r in rows}) > 1
+    heads = any(is_head_row(r) for r in rows)
     lines = []
     for r in rows:
         floor = floors.get((r["device"], r.get("threads"), *_size_key(r, floor_for(r["implementation"]))))
         variant = [variant_label(r, varying) if not is_floor(r) else ""] if varying else []
         lines.append(_run_cells(r, floor, variant + ([r.get("threads")] if threads else [])))
+        if heads:
+            lines[-1].insert(5, r.get("hidden") or "")
     extra = (["variant"] if varying else []) + (["threads"] if threads else [])
-    headers = [*RUN_HEADERS[:6], *extra, *RUN_HEADERS[6:], "status"]
-    table = format_table(headers, lines, align="lllrrl" + "l" * bool(varying) + "r" * threads + "rrrrrrl")
-    return f"{table}\n{RUN_NOTE}"
+    hidden = ["H"] if heads else []
+    headers = [*RUN_HEADERS[:5], *hidden, RUN_HEADERS[5], *extra, *RUN_HEADERS[6:], "status"]
+    align = "lllrr" + "r" * bool(heads) + "l" + "l" * bool(varying) + "r" * threads + "rrrrrrl"
+    table = format_table(headers, lines, align=align)
+    return f"{table}\n{RUN_NOTE}" + (f"\n{HEAD_NOTE}" if heads else "")
 
 
 def _size_key(r: dict, name: str | None = None) -> tuple:
-    """(implementation, dtype, N, C) of r, or of implementation `name` at r's dtype and size."""
-    return name or r["implementation"], r["dtype"], r["batch"], r["classes"]
+    """(implementation, dtype, N, C, H) of r, or of implementation `name` at r's dtype and size."""
+    return name or r["implementation"], r["dtype"], r["batch"], r["classes"], r.get("hidden") or 0
 
 
 # --- the generated summary ------------------------------------------------------------------------
@@ -314,8 +323,40 @@ def _run_section(run_dir: Path, results_root: Path) -> list[str]:
     counts = Counter(r["status"] for r in rows)
     tally = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
     lines = [f"## {rel}: {metadata.get('device_name', '?')}", "", *_environment(metadata)]
-    lines += [f"Cases: {len(rows)} ({tally}).", "", *ship_section(rows)]
-    return lines + _variant_sections(run_dir, rel, rows, metadata) + _failures(rows)
+    lines.append(f"Cases: {len(rows)} ({tally}).")
+    logits_rows, head_rows = split(rows)
+    if head_rows:
+        lines += ["", *head_section(run_dir, rel, head_rows)]
+    if logits_rows:
+        lines += ["", *ship_section(logits_rows), *_variant_sections(run_dir, rel, logits_rows, metadata)]
+    return lines + _failures(logits_rows) + _head_failures(head_rows)
+
+
+def _head_failures(rows: list[dict]) -> list[str]:
+    """The head cases not measured, with why (a peer that cannot run here says so)."""
+    failed = [
+        [
+            r["implementation"],
+            r["pass"],
+            r["dtype"],
+            r["batch"],
+            r["hidden"],
+            r["classes"],
+            f"{r['smoothing']:g}",
+        ]
+        + [r["status"], r["message"]]
+        for r in rows
+        if r["status"] != "ok"
+    ]
+    if not failed:
+        return []
+    headers = ["implementation", "pass", "dtype", "N", "H", "V", "smoothing", "status", "why"]
+    return [
+        "Head cases not measured:",
+        "",
+        format_table(headers, failed, markdown=True, align="lllrrrrll"),
+        "",
+    ]
 
 
 def write_summary(results_root: Path) -> Path:

@@ -1,4 +1,5 @@
-"""The sweep layer: what is benchmarked (`grid`: cases, grids, presets), one case measured (`case`),
+"""The sweep layer: what is benchmarked (`grid`: cases, grids, presets; `head_grid`: the LM head
+losses' grid and presets), one case measured (`case`),
 a sweep of them into a results folder with its guarantees (`runner`: one writer, rows kept as they
 come, resume), in child processes (`isolate`) or shared by the ranks of a torchrun launch (`shard`).
 It reads `lsr.bench.data` and `lsr.bench.measure`; nothing here draws or prints a report.
@@ -11,9 +12,7 @@ from lsr.bench.sweep.grid import (
     ALL_CORES,
     PRESETS,
     Grid,
-    HeadGrid,
     cases_of,
-    head_registered,
     implementation_of,
     present_devices,
     preset,
@@ -24,6 +23,7 @@ from lsr.bench.sweep.grid import (
     thread_count,
     why_not,
 )
+from lsr.bench.sweep.head_grid import HEAD_PRESETS, HeadGrid, head_registered
 from lsr.bench.sweep.runner import (
     BusyMachineWarning,
     ResumeRefused,
@@ -36,6 +36,7 @@ from lsr.bench.sweep.shard import SHARED_DEVICES, Shard, share, size_of
 
 __all__ = [
     "ALL_CORES",
+    "HEAD_PRESETS",
     "PRESETS",
     "SHARED_DEVICES",
     "BusyMachineWarning",

@@ -114,7 +114,7 @@ def measure_case(
         row.update(bandwidth_fields(row, copy_bandwidth))
         if load.fraction is not None:  # else timed too briefly to tell: both stay empty
             row.update(other_load=load.fraction, busy=load.fraction > BUSY_LOAD)
-        row["message"] = timing.warning or ""
+        row["message"] = "; ".join(filter(None, [timing.warning, getattr(timed, "note", "")]))
         row["peak_bytes"] = measure.peak_bytes(timed, device)
         if device.type == "cpu":
             row["peak_rss_bytes"] = measure.peak_rss_bytes(timed)

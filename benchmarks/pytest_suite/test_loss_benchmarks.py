@@ -19,9 +19,8 @@ import pytest
 import torch
 
 import lsr
-from lsr.bench import measure
+from lsr.bench import measure, sweep
 from lsr.bench.data import new_row
-from lsr.bench import sweep
 from lsr.bench.sweep import grid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -177,3 +177,24 @@ def test_never_more_than_a_chunk_of_logits_alive(sparse):
     peak = cpu_peak_bytes(step)
     assert peak <= 2 * gradients + 2 * one_chunk + 64 * n, peak  # gradients made then handed on
     assert peak < 0.2 * 4 * n * classes  # a fifth of one N x V float32 tensor
+
+
+@pytest.mark.parametrize("units", [False, True], ids=["float32-product", "half-product"])
+def test_both_half_weight_gradient_paths_match_the_float64_definition(monkeypatch, units):
+    """Half weights over several chunks: the chunk's d_lm_weight product in float32 (a CPU without
+    half-precision matrix units) or in the weights' dtype (other CPUs, GPUs), both summed in float32."""
+    monkeypatch.setattr(lsr.head, "cpu_has_half_matrix_units", lambda: units)
+    h, w, b, y = problem(torch.bfloat16)
+
+    def ours(h, w, b, y):
+        return lsr.linear_label_smoothing(h, w, y, 0.1, bias=b, chunk_rows=8)
+
+    def reference(h, w, b, y):
+        return F.cross_entropy(F.linear(h.double(), w.double(), b.double()), y, label_smoothing=0.1)
+
+    loss, grads = run(ours, h, w, b, y)
+    ref_loss, ref_grads = run(reference, h, w, b, y)
+    tol = TOLERANCE[torch.bfloat16]
+    torch.testing.assert_close(loss, ref_loss, rtol=tol, atol=tol)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * (want.abs().max().item() + 1e-3))

@@ -284,9 +284,12 @@ def test_ours_is_chosen_only_with_the_lowest_peak_and_the_fastest_within_twice_i
     assert head_report.head_choice(of)["verdict"] == "yes"  # materialised is faster but 9x the peak
     of["compiled-autochunk"] = row("compiled-autochunk", 450, 150)
     choice = head_report.head_choice(of)
-    assert choice["verdict"] == "no: compiled-autochunk is faster within 2x of the lowest peak"
+    assert (
+        choice["verdict"]
+        == "no: compiled-autochunk is faster within 2x of the lowest peak (450 against 500 ms)"
+    )
     of["cce"] = row("cce", 300, 50)
-    assert head_report.head_choice(of)["verdict"].startswith("no: cce has a lower peak")
+    assert head_report.head_choice(of)["verdict"].startswith("no: cce has a lower peak (50 against 100 MiB)")
     of["head-sparse"] = row("head-sparse", 10, 1)  # another function: never in the choice
     assert head_report.head_choice(of)["lowest"]["implementation"] == "cce"
     of["cce"]["status"] = "failed"  # the gate rejected it: out of the choice

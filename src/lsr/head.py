@@ -10,7 +10,8 @@ backward of 1 (1/denominator for "mean", 1 for "sum", 0 for an ignored row); the
 backward GEMMs: d_hidden_chunk = g @ lm_weight, d_lm_weight += g^T @ hidden_chunk, d_bias += sum g.
 Only one chunk of logits is ever alive, so the peak above the inputs and their gradients is about
 R x V x itemsize (the default R: an eighth of the rows, at least MIN_CHUNK_ROWS, at most CHUNK_BYTES
-of float32 logits), plus for bfloat16/float16 weights and
+of float32 logits; on a CPU without half-precision matrix units, half weights add the chunk's logits
+in float32 for its d_lm_weight product), plus for bfloat16/float16 weights and
 more than one chunk a float32 d_lm_weight accumulator (V x H x 4 bytes: a stated choice, so that
 the chunks' sums keep their digits). The smoothing term needs no extra pass: the kernel sums each row while it is in cache.
 
@@ -22,6 +23,8 @@ Under `torch.no_grad()` the forward pass is one GEMM and the loss pass per chunk
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -73,14 +76,28 @@ def _chunk_pass(hidden, lm_weight, bias, target, weight, scale, smoothing, spars
             d_hidden, d_weight, d_bias = grads
             first = start == 0  # the accumulators start as the first chunk's terms: no zero fill
             torch.matmul(logits, lm_weight, out=d_hidden[rows])
+            beta = 0.0 if first else 1.0
             if d_weight.dtype == logits.dtype:
-                d_weight.addmm_(logits.t(), hidden[rows], beta=0.0 if first else 1.0)
+                d_weight.addmm_(logits.t(), hidden[rows], beta=beta)
+            elif logits.device.type == "cpu" and not cpu_has_half_matrix_units():
+                # Half weights on a CPU without half-precision matrix units: the chunk's product in
+                # float32, straight into the float32 sum. Torch's half GEMM there computes into a
+                # float32 V x H buffer of its own and runs 5x slower than float32 (the Xeon of
+                # results/head), so the chunk's float32 copy costs less time and memory.
+                d_weight.addmm_(logits.t().float(), hidden[rows].float(), beta=beta)
             else:  # half weights: each chunk's V x H product in their dtype, summed in float32
                 _accumulate(d_weight, torch.mm(logits.t(), hidden[rows]), first)
             if d_bias is not None:
                 _accumulate(d_bias, logits.sum(0, dtype=d_bias.dtype), first)
         del logits
     return row_loss
+
+
+@functools.cache
+def cpu_has_half_matrix_units() -> bool:
+    """Whether this CPU multiplies bfloat16/float16 matrices in hardware (AVX512-BF16 or AMX)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
 def _accumulate(total: torch.Tensor, term: torch.Tensor, first: bool) -> None:

@@ -133,7 +133,7 @@ def reference_mean_and_grads(
         logits = (h[chunk] @ w.t()).requires_grad_(True)
         loss = impl.logits_reference(logits, target[chunk], smoothing, "sum", IGNORE_INDEX)
         (g,) = torch.autograd.grad(loss, logits)
-        total += float(loss)
+        total += float(loss.detach())
         d_hidden[chunk] = g @ w
         d_weight += g.t() @ h[chunk]
     return total / denominator, d_hidden / denominator, d_weight / denominator

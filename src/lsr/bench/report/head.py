@@ -179,9 +179,15 @@ def head_choice(of: dict[str, dict]) -> dict:
     elif ours is lowest and ours is within:
         verdict = "yes"
     else:
-        beaten = [] if ours is lowest else [f"{lowest['implementation']} has a lower peak"]
+        mib = {r["implementation"]: _figure(r["peak_bytes"] / MiB) for r in (ours, lowest)}
+        beaten = []
+        if ours is not lowest:
+            name = lowest["implementation"]
+            beaten.append(f"{name} has a lower peak ({mib[name]} against {mib[OURS]} MiB)")
         if ours is not within:
-            beaten.append(f"{within['implementation']} is faster within 2x of the lowest peak")
+            ms = {r["implementation"]: _figure(r["median_s"] * 1e3) for r in (ours, within)}
+            name = within["implementation"]
+            beaten.append(f"{name} is faster within 2x of the lowest peak ({ms[name]} against {ms[OURS]} ms)")
         verdict = "no: " + "; ".join(beaten)
     return {"lowest": lowest, "fastest": fastest, "within": within, "verdict": verdict}
 

@@ -95,6 +95,8 @@ class HeadImplementation:
     repeatable_backward: bool = True
     # Holds the N x V logits (or their gradient) at its peak: what the chunked losses avoid
     materialises: bool = False
+    # Compiles on its first call for each shape, dtype and smoothing (seconds; first_call_s shows it)
+    compiles: bool = False
     ours: bool = False
     peer: bool = False
     notes: str = ""
@@ -293,6 +295,7 @@ register(
         is_available=_compile_available,
         repeatable_backward=False,
         materialises=True,
+        compiles=True,
         peer=True,
         notes=COMPILED_NOTES,
         peak_factor=3.0,
@@ -308,6 +311,7 @@ register(
         description="torch.compile of the materialised loss with inductor's auto-chunker on",
         is_available=_compile_available,
         repeatable_backward=False,
+        compiles=True,
         peer=True,
         notes=COMPILED_NOTES + "; whether it chunks is inductor's choice, and the peak column tells",
         peak_factor=3.0,
@@ -389,6 +393,7 @@ register(
         dtypes=("float32", "bfloat16", "float16"),
         max_smoothing=0.0,
         repeatable_backward=False,
+        compiles=True,
         peer=True,
         notes=CCE_NOTES + "; computes in float32 whatever the input dtype",
         peak_factor=4.0,

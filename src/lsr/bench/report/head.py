@@ -5,9 +5,10 @@
   Every head loss of the run is in the legend; one with no measurement in a panel is named under it
   with its status and reason.
 - `head_ship_tables`: per shape, smoothing 0 and > 0 apart, the lowest peak, the fastest, the
-  fastest within 2x of the lowest peak, ours (`head-exact`), and whether ours is both the lowest
-  peak and that fastest, or what beats it. Chosen among exact-smoothing losses that passed the gate
-  (`head-sparse` computes another function: its own columns).
+  fastest within 2x of the lowest peak, ours (the exact head loss with the registry's `ours` flag),
+  and whether ours is both the lowest peak and that fastest, or what beats it. Chosen among
+  exact-smoothing losses that passed the gate (our SparseLSR head computes another function: its
+  own column).
 - `head_table`: every forward+backward row at one dtype, for results/README.md.
 """
 
@@ -26,7 +27,13 @@ from lsr.bench.report.charts import plain_ticks
 from lsr.bench.report.selection import FWD_BWD, MiB, at_all_cores, ok_rows
 from lsr.bench.report.tables import format_table
 
-OURS = "head-exact"
+
+def _ours(kind: str) -> str:
+    """This project's head loss of a smoothing kind (the registry's `ours` flag)."""
+    return next(i.name for i in lsr.heads.HEAD_REGISTRY.values() if i.ours and i.smoothing_kind == kind)
+
+
+OURS, OURS_SPARSE = _ours("exact"), _ours("sparse")
 WITHIN_PEAK = 2.0  # "fastest among those within 2x of the lowest peak"
 HEAD_CHART = "head"
 Shape = tuple[str, str, int, int, int]  # device, dtype, tokens, hidden, vocabulary
@@ -201,7 +208,7 @@ HEAD_SHIP_HEADERS = [
     "fastest",
     "fastest within 2x of the lowest peak",
     OURS,
-    "head-sparse",
+    OURS_SPARSE,
     f"{OURS} lowest peak and fastest within 2x?",
 ]
 HEAD_SHIP_TITLES = {False: "LM head, smoothing 0 (plain cross-entropy)", True: "LM head, smoothing > 0"}
@@ -238,7 +245,7 @@ def head_ship_tables(rows: list[dict]) -> list[tuple[str, list[str], list[list[s
                     _named(choice["fastest"]),
                     _named(choice["within"]),
                     _cell(of.get(OURS)),
-                    _cell(of.get("head-sparse")),
+                    _cell(of.get(OURS_SPARSE)),
                     choice["verdict"],
                 ]
             )

@@ -51,15 +51,9 @@ from lsr.types import Device, SmoothingKind
 
 
 class HeadLossFn(Protocol):
-    def __call__(
-        self,
-        hidden: torch.Tensor,
-        lm_weight: torch.Tensor,
-        target: torch.Tensor,
-        smoothing: float = 0.0,
-        reduction: str = "mean",
-        ignore_index: int = -100,
-    ) -> torch.Tensor: ...
+    """loss(hidden (N, H), lm_weight (V, H), target (N,), smoothing, reduction, ignore_index)."""
+
+    def __call__(self, hidden, lm_weight, target, smoothing=0.0, reduction="mean", ignore_index=-100): ...
 
 
 def head_reference(

@@ -14,16 +14,17 @@
 
 from __future__ import annotations
 
+import math
 import textwrap
 from collections import defaultdict
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 import lsr.heads
 from lsr.bench.data import FLOOR_GEMM
 from lsr.bench.report import style
-from lsr.bench.report.charts import plain_ticks
 from lsr.bench.report.selection import FWD_BWD, MiB, at_all_cores, ok_rows
 from lsr.bench.report.tables import format_table
 
@@ -75,8 +76,8 @@ def head_chart_file(dtype: str, hidden: int, vocab: int) -> str:
 
 def _panel(ax, rows: list[dict], names: list[str], floors: dict, quantity: str) -> None:
     """One panel: a line per head loss over tokens; the peak panel names under it those it could not draw."""
-    missing = []
-    for name in names:
+    missing, last = [], {}
+    for order, name in enumerate(names):
         own = sorted((r for r in rows if r["implementation"] == name), key=lambda r: r["batch"])
         points = []
         for r in own:
@@ -88,22 +89,64 @@ def _panel(ax, rows: list[dict], names: list[str], floors: dict, quantity: str) 
                 points.append((r["batch"], r["median_s"] / floors[shape_of(r)]["median_s"]))
         if points:
             xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, **style.line_style(name))
+            # Several losses share a peak (all that hold the logits): each later one drawn thinner
+            # and smaller, so that coinciding lines and markers still show every loss
+            size = {"markersize": max(3.0, 11 - 1.0 * order), "linewidth": max(0.8, 3.2 - 0.3 * order)}
+            ax.plot(xs, ys, **style.line_style(name), **size, alpha=0.85)
+            last[name] = (xs[-1], ys[-1])
         elif own:
             missing.append(f"{name} ({own[0]['status']})")
+    if quantity == "peak":
+        _name_coinciding(ax, last)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    plain_ticks(ax.yaxis)
+    if quantity == "time":
+        ax.axhline(1.0, **style.REFERENCE, label="_floor-gemm")
+    _round_ticks(ax)
     ax.xaxis.set_major_formatter("{x:g}")
     ax.set_xticks(sorted({r["batch"] for r in rows}))
     note = textwrap.fill(f"not measured: {', '.join(missing)}", 80) if missing and quantity == "peak" else ""
     ax.set_xlabel("tokens N" + (f"\n{note}" if note else ""))
     if quantity == "time":
-        ax.axhline(1.0, **style.REFERENCE, label="_floor-gemm")
         ax.set_ylabel("forward+backward time / floor-gemm")
     else:
         ax.set_ylabel("peak MiB above the inputs (gradients included)")
     ax.grid(True, which="both", alpha=0.3)
+
+
+def _name_coinciding(ax, last: dict[str, tuple[float, float]]) -> None:
+    """Where several losses end at one peak (within 2%), name them beside it: one line hides the others."""
+    groups: list[list[str]] = []
+    for name, (_, y) in sorted(last.items(), key=lambda item: item[1][1]):
+        if groups and y <= 1.02 * last[groups[-1][0]][1]:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    for group in (g for g in groups if len(g) > 1):
+        x, y = last[group[0]]
+        ax.annotate(
+            "\n".join(group),
+            (x, y),
+            xytext=(-6, 4),
+            textcoords="offset points",
+            ha="right",
+            va="bottom",
+            fontsize=7,
+        )
+
+
+def _round_ticks(ax) -> None:
+    """Log y ticks at 1, 2, 3 and 5 of every decade the data spans (finer where that gives fewer
+    than 3), as plain numbers (0.3, 2, 500)."""
+    low, high = ax.get_ylim()
+    decades = range(math.floor(math.log10(low)) - 1, math.ceil(math.log10(high)) + 1)
+    for mantissas in ((1, 2, 3, 5), (1, 1.5, 2, 3, 4, 5, 7), (1, 1.2, 1.4, 1.6, 2, 2.5, 3, 4, 5, 6, 7, 8, 9)):
+        ticks = [m * 10.0**d for d in decades for m in mantissas if low <= m * 10.0**d <= high]
+        if len(ticks) >= 3:  # a narrow range (times within 2x) gets finer steps
+            break
+    ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylim(low, high)
 
 
 def head_figure(rows: list[dict], metadata: dict, dtype: str, hidden: int, vocab: int) -> Figure | None:
@@ -298,8 +341,8 @@ def head_table(rows: list[dict], dtype: str) -> str:
                 r["classes"],
                 "" if r["implementation"] == FLOOR_GEMM else f"{r['smoothing']:g}",
                 r["pass"],
-                f"{r['median_s'] * 1e3:,.1f}" if ok else "",
-                f"{r['iqr_s'] * 1e3:,.1f}" if ok else "",
+                _figure(r["median_s"] * 1e3) if ok else "",
+                _figure(r["iqr_s"] * 1e3) if ok else "",
                 over,
                 f"{r['peak_bytes'] / MiB:,.1f}" if ok and r.get("peak_bytes") is not None else "",
                 status if ok or not r["message"] else f"{status}: {r['message'][:100]}",

@@ -87,12 +87,9 @@ class HeadImplementation:
     max_smoothing: float = 1.0  # 0: plain cross-entropy only
     # Backward may run twice through one graph (the benchmark's backward-only pass needs it)
     repeatable_backward: bool = True
-    # Holds the N x V logits (or their gradient) at its peak: what the chunked losses avoid
-    materialises: bool = False
     # Compiles on its first call for each shape, dtype and smoothing (seconds; first_call_s shows it)
     compiles: bool = False
     ours: bool = False
-    peer: bool = False
     notes: str = ""
     # Bytes a case allocates beyond its inputs, in N x V logits of the case's dtype, rounded up from
     # measured peaks: an estimate that keeps a sweep from starting a case that cannot fit
@@ -241,6 +238,11 @@ COMPILED_NOTES = (
     "each shape, dtype and smoothing compiles once (static shapes, as the auto-chunker needs)"
 )
 
+OURS_NOTES = (
+    "computes both gradients in its forward pass when one is needed (reductions mean and sum), so its "
+    "backward-only pass only hands them over (microseconds): compare forward+backward"
+)
+
 register(
     HeadImplementation(
         name="head-exact",
@@ -250,6 +252,7 @@ register(
         description="lsr.linear_label_smoothing: chunks of rows, the one-pass kernel on each (C++ / Triton)",
         is_available=lambda device: device == "cpu" or triton_available(),
         ours=True,
+        notes=OURS_NOTES,
         peak_factor=0.3,
         chart_style=("#d62728", "^"),
     )
@@ -263,6 +266,7 @@ register(
         description="lsr.linear_label_smoothing(sparse=True): SparseLSR, equation 15, chunked",
         is_available=lambda device: device == "cpu" or triton_available(),
         ours=True,
+        notes=OURS_NOTES,
         peak_factor=0.3,
         chart_style=("#9467bd", "v"),
     )
@@ -274,7 +278,6 @@ register(
         smoothing_kind="exact",
         devices=("cpu", "cuda"),
         description="F.cross_entropy(F.linear(h, w), label_smoothing=): the N x V logits held",
-        materialises=True,
         peak_factor=4.0,
         chart_style=("#1f77b4", "o"),
     )
@@ -288,9 +291,7 @@ register(
         description="torch.compile of the materialised loss, inductor's auto-chunker off",
         is_available=_compile_available,
         repeatable_backward=False,
-        materialises=True,
         compiles=True,
-        peer=True,
         notes=COMPILED_NOTES,
         peak_factor=3.0,
         chart_style=("#e377c2", "*"),
@@ -306,7 +307,6 @@ register(
         is_available=_compile_available,
         repeatable_backward=False,
         compiles=True,
-        peer=True,
         notes=COMPILED_NOTES + "; whether it chunks is inductor's choice, and the peak column tells",
         peak_factor=3.0,
         chart_style=("#7f7f7f", "p"),
@@ -319,8 +319,6 @@ register(
         smoothing_kind="exact",
         devices=("cpu", "cuda"),
         description="torch F.linear_cross_entropy, no options (its reference path: materialises)",
-        materialises=True,
-        peer=True,
         peak_factor=4.0,
         chart_style=("#8c564b", "s"),
     )
@@ -333,7 +331,6 @@ register(
         devices=("cpu", "cuda"),
         description="torch F.linear_cross_entropy(options=LinearCrossEntropyOptions()): chunked",
         repeatable_backward=False,
-        peer=True,
         notes="at smoothing > 0 torch warns that it does not support label smoothing and falls back to "
         "its reference path, which materialises the N x V logits (the peak column shows it)",
         peak_factor=4.0,
@@ -350,7 +347,6 @@ register(
         is_available=lambda device: device == "cuda" and liger_installed(),
         dtypes=("float32", "bfloat16", "float16"),
         repeatable_backward=False,
-        peer=True,
         notes="computes the gradients in its forward pass, in chunks of rows",
         peak_factor=1.0,
         chart_style=("#bcbd22", "X"),
@@ -370,7 +366,6 @@ register(
         dtypes=("float32", "bfloat16", "float16"),
         max_smoothing=0.0,
         repeatable_backward=False,
-        peer=True,
         notes=CCE_NOTES,
         peak_factor=0.5,
         chart_style=("#2ca02c", "D"),
@@ -388,7 +383,6 @@ register(
         max_smoothing=0.0,
         repeatable_backward=False,
         compiles=True,
-        peer=True,
         notes=CCE_NOTES + "; computes in float32 whatever the input dtype",
         peak_factor=4.0,
         chart_style=("#ff7f0e", "d"),

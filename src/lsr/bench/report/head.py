@@ -351,9 +351,20 @@ def head_table(rows: list[dict], dtype: str) -> str:
     return format_table(TABLE_HEADERS, lines, markdown=True, align="lrrrrlrrrrl")
 
 
+def head_losses_table(rows: list[dict]) -> str:
+    """What each head loss of the run is, and what it knowingly does differently (`lsr.heads`)."""
+    lines = [
+        [name, impl.description, impl.notes]
+        for name, impl in lsr.heads.HEAD_REGISTRY.items()
+        if any(r["implementation"] == name for r in rows)
+    ]
+    return format_table(["head loss", "what", "notes"], lines, markdown=True, align="lll")
+
+
 def head_section(run_dir: Path, rel: Path, rows: list[dict]) -> list[str]:
-    """results/README.md's lines for a run's head rows: the choice, the charts, the tables."""
+    """results/README.md's lines for a run's head rows: the choice, the losses, the charts, the tables."""
     lines = ["### LM head losses", "", HEAD_SHIP_INTRO, "", format_head_ship(rows, markdown=True), ""]
+    lines += [head_losses_table(rows), ""]
     for dtype in sorted({r["dtype"] for r in rows if is_head_row(r)}):
         shapes = sorted({(r["hidden"], r["classes"]) for r in rows if is_head_row(r) and r["dtype"] == dtype})
         charts = [head_chart_file(dtype, h, v) for h, v in shapes]

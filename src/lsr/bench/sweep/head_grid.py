@@ -53,12 +53,13 @@ def head_registered() -> list[str]:
 
 # The LM head presets (`lsr-bench run --preset head`): every head loss, smoothing 0 and 0.1
 # (torch's chunked path and Cut Cross-Entropy exist at 0 only), forward+backward, plus forward and
-# backward apart at one size. CPU, sized to about HEAD_CPU_MINUTES on the 2-core Xeon of
-# results/head (measured: see results/head/metadata.json and its summary): the part-1 shape's
+# backward apart at one size. CPU, 146 cases in 29 minutes on the idle 2-core Xeon AVX-512 of
+# results/head (measured, 2026-12-07; a float32 N 8192 case about 25 s): the part-1 shape's
 # vocabulary (32000) at H 256, tokens 512 to 8192 float32 (the peak-vs-tokens axis), bfloat16 to
 # 2048 (its GEMMs run 4x slower here), and H 1024 at 2048 tokens. CUDA: an LLM's head, bfloat16,
 # H 4096, the vocabularies of Llama 2, Llama 3, Qwen2 and Gemma 3; NOT MEASURED (no GPU was lent
-# to the session that wrote it): cases whose estimated peak exceeds the GPU are recorded skipped.
+# to the session that wrote it), its duration unknown (benchmarks/gpu/run.sh gives it 90 s and
+# `--resume` finishes it): cases whose estimated peak exceeds the GPU are recorded skipped.
 HEAD_VOCAB = 32000
 HEAD_LLM_VOCABS = (32000, 128256, 151936, 262144)
 HEAD_PRESETS: dict[str, dict[str, tuple[HeadGrid, ...]]] = {

@@ -45,8 +45,25 @@ def compare(
     return entries
 
 
+# Case fields beside implementation, pass, dtype, N and C that get a column where the entries differ
+# in them (two rows of one size at smoothing 0 and 0.1 would otherwise read as one case twice)
+VARYING = {
+    "smoothing": "smoothing",
+    "hidden": "H",
+    "ignore_fraction": "ignored",
+    "weighted": "weighted",
+    "threads": "threads",
+}
+
+
+def _cell(value) -> str:
+    return ("on" if value else "off") if isinstance(value, bool) else f"{value:g}"
+
+
 def format_comparison(entries: list[dict]) -> str:
-    headers = ["implementation", "pass", "dtype", "N", "C", "old ms", "new ms", "new/old", "noise", ""]
+    varying = [f for f in VARYING if len({getattr(e["case"], f) for e in entries}) > 1]
+    headers = ["implementation", "pass", "dtype", "N", "C", *(VARYING[f] for f in varying)]
+    headers += ["old ms", "new ms", "new/old", "noise", ""]
     rows = [
         [
             e["case"].implementation,
@@ -54,6 +71,7 @@ def format_comparison(entries: list[dict]) -> str:
             e["case"].dtype,
             e["case"].batch,
             e["case"].classes,
+            *(_cell(getattr(e["case"], f)) for f in varying),
             f"{e['old_s'] * 1e3:.3f}",
             f"{e['new_s'] * 1e3:.3f}",
             f"{e['ratio']:.3f}",
@@ -64,7 +82,7 @@ def format_comparison(entries: list[dict]) -> str:
     ]
     flagged = sum(1 for e in entries if e["verdict"])
     busy = sum(1 for e in entries if e.get("busy"))
-    table = format_table(headers, rows, align="lllrrrrrrl")
+    table = format_table(headers, rows, align="lllrr" + "r" * len(varying) + "rrrrl")
     summary = f"{len(entries)} cases compared, {flagged} changed beyond the measured noise."
     if busy:
         summary += f" {busy} were timed on a busy machine (marked busy): their times may be inflated."

@@ -162,8 +162,24 @@ def test_the_gate_passes_a_right_head_loss_and_fails_a_wrong_one():
     def ignores_smoothing(h, w, y, smoothing, reduction, ignore_index):
         return impl.loss(h, w, y, 0.0, reduction, ignore_index)
 
-    with pytest.raises(measure.GateFailure, match="disagrees with the float64 reference on 96 tokens"):
+    with pytest.raises(measure.GateFailure, match="disagrees with the float64 reference: loss error"):
         measure.check_head_against_reference(case, problem, impl, ignores_smoothing)
+
+
+def test_the_gate_checks_the_shape_that_is_timed():
+    """A loss right on the first HEAD_GATE_TOKENS tokens and wrong on more (as code compiled or
+    chunked per shape can be) fails at the timed shape."""
+    case = head_case("head-exact", tokens=measure.HEAD_GATE_TOKENS + 64)
+    problem = measure.HeadProblem.make(case)
+    impl = lsr.heads.get("head-exact")
+    assert measure.check_head_against_reference(case, problem, impl) < 1e-4
+
+    def wrong_when_large(h, w, y, smoothing, reduction, ignore_index):
+        large = h.shape[0] > measure.HEAD_GATE_TOKENS
+        return impl.loss(h, w, y, 0.0 if large else smoothing, reduction, ignore_index)
+
+    with pytest.raises(measure.GateFailure, match="d_hidden at the timed shape error"):
+        measure.check_head_against_reference(case, problem, impl, wrong_when_large)
 
 
 def test_the_head_problem_has_logits_of_the_asked_spread():
@@ -180,13 +196,15 @@ def test_a_head_grid_records_every_loss_with_a_status_and_the_floor_first():
     assert cases[0].implementation == FLOOR_GEMM and cases[0].hidden == 16
     assert {c.implementation for c in cases} == {FLOOR_GEMM, *HEAD_REGISTRY}
     fast = [c for c in cases if c.implementation not in SLOW]
-    rows = {(r["implementation"], r["smoothing"]): r for r in sweep.measure_cases(fast, 2.0, 0.01, {})}
+    measured = sweep.measure_cases(fast, 2.0, 0.01, {}, copy_bandwidths={"cpu": 1e10})
+    rows = {(r["implementation"], r["smoothing"]): r for r in measured}
     assert rows[FLOOR_GEMM, 0.0]["status"] == "ok" and rows[FLOOR_GEMM, 0.0]["hidden"] == 16
     assert rows["head-exact", 0.1]["status"] == "ok" and rows["head-exact", 0.1]["max_rel_error"] < 1e-4
     assert rows["head-exact", 0.1]["peak_bytes"] > 0
     assert rows["liger-flce", 0.1]["status"] == "not-available"
     assert rows["cce", 0.1]["status"] == "not-available"
-    assert rows["head-exact", 0.1]["bandwidth_fraction"] is None  # a head need not move its logits
+    assert rows["head-exact", 0.1]["bandwidth_bytes_per_s"] is None  # a head need not move its logits
+    assert rows["head-exact", 0.1]["bandwidth_fraction"] is None
     assert "torch fell back to its materialising path" in rows["torch-linear-ce-chunked", 0.1]["message"]
     assert "fell back" not in rows["torch-linear-ce-chunked", 0.0]["message"]
     if lsr.heads.get("cce-torch-compile").runs_on("cpu"):
@@ -249,6 +267,7 @@ def test_the_command_line_runs_a_head_sweep_and_reports_it(tmp_path, capsys):
         (["--preset", "head-dry-run", "--impl", "native"], "not head losses"),
         (["--preset", "quick", "--impl", "head-exact"], "head losses, measured by --preset head"),
         (["--preset", "quick", "--hidden", "64"], "--hidden is an axis of the head presets"),
+        (["--preset", "head-dry-run", "--weighted", "on"], "axes of the logits losses, not of --preset head"),
     ],
 )
 def test_the_command_line_refuses_mixing_head_and_logits_losses(tmp_path, capsys, args, words):

@@ -172,8 +172,10 @@ def _torch_linear_ce(
             label_smoothing=smoothing,
             options=options,
         )
-    if chunked and caught:  # said once per process, in our words; torch's own text in the message
-        warnings.warn(f"{caught[0].message}".splitlines()[0], TorchFellBack, stacklevel=2)
+    for warning in caught:  # torch's "options ignored" becomes ours; any other passes on as it was
+        fell_back = chunked and "``options`` ignored" in str(warning.message)
+        category = TorchFellBack if fell_back else warning.category
+        warnings.warn(str(warning.message).splitlines()[0], category, stacklevel=2)
     return loss
 
 

@@ -137,6 +137,10 @@ def _with_options(args, base: grids.Grid | grids.HeadGrid) -> grids.Grid | grids
     """`base` with each axis the command line names replaced (of a head grid: --batch its tokens,
     --classes its vocabulary, --hidden its H)."""
     if isinstance(base, grids.HeadGrid):
+        if args.ignore_fraction or args.weighted:
+            raise UsageError(
+                "--ignore-fraction and --weighted are axes of the logits losses, not of --preset head"
+            )
         return grids.HeadGrid(
             implementations=args.impl or base.implementations,
             devices=base.devices,

@@ -4,7 +4,8 @@ three GEMMs alone for `floor-gemm`), and the float64 gate (`check_head_against_r
 
 The gate runs the loss on the case's first `HEAD_GATE_TOKENS` tokens with the whole lm_weight and
 compares the mean loss and both gradients (d_hidden, d_lm_weight, whole) with float64 computed from
-the definition a chunk of rows at a time (never N x V float64 at once).
+the definition a chunk of rows at a time (never N x V float64 at once); then, where the case has
+more tokens, runs it at the timed shape and compares d_hidden at rows spread over the batch.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import warnings
 import torch
 
 from lsr.bench.data import FLOOR_GEMM, IGNORE_INDEX, Case
-from lsr.bench.measure.gate import GATE_TOLERANCE, GateFailure
+from lsr.bench.measure.gate import GATE_TOLERANCE, GateFailure, gate_rows
 from lsr.bench.measure.problem import synchronize
 from lsr.heads import HeadImplementation, TorchFellBack
 from lsr.types import DTYPES
@@ -139,45 +140,67 @@ def reference_mean_and_grads(
     return total / denominator, d_hidden / denominator, d_weight / denominator
 
 
+def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want).norm() / (want.norm() + 1e-12))
+
+
+def _run(loss_fn, hidden, lm_weight, target, smoothing):
+    """The mean loss and its gradients (d_hidden, d_lm_weight) of leaves sharing the given storage."""
+    hidden, lm_weight = (t.detach().requires_grad_(True) for t in (hidden, lm_weight))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TorchFellBack)  # said by the timed pass, in the row's message
+        loss = loss_fn(hidden, lm_weight, target, smoothing, "mean", IGNORE_INDEX)
+    return (loss.detach(), *torch.autograd.grad(loss, (hidden, lm_weight)))
+
+
 def check_head_against_reference(
     case: Case, problem: HeadProblem, impl: HeadImplementation, loss_fn=None
 ) -> float:
-    """The mean loss and both gradients of the case's first HEAD_GATE_TOKENS tokens against float64;
-    return the largest relative error; raise GateFailure past the dtype's tolerance (GATE_TOLERANCE)."""
+    """Two checks against float64; return the largest relative error; raise GateFailure past the
+    dtype's tolerance (GATE_TOLERANCE):
+    - the case's first HEAD_GATE_TOKENS tokens alone: the mean loss, d_hidden and the whole
+      d_lm_weight;
+    - the whole case, at the shape that is timed (what compiled or chunked code runs there): d_hidden
+      at GATE_ROWS rows spread over the batch, each row's gradient needing only its own logits."""
     loss_fn = loss_fn or impl.loss
     n = min(case.batch, HEAD_GATE_TOKENS)
     target = problem.target[:n]
-    hidden = problem.hidden.detach()[:n].clone().requires_grad_(True)
-    lm_weight = problem.lm_weight.detach().clone().requires_grad_(True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", TorchFellBack)  # said by the timed pass, in the row's message
-        loss = loss_fn(hidden, lm_weight, target, case.smoothing, "mean", IGNORE_INDEX)
-    d_hidden, d_weight = torch.autograd.grad(loss, (hidden, lm_weight))
+    hidden, lm_weight = problem.hidden.detach()[:n], problem.lm_weight.detach()
+    loss, d_hidden, d_weight = _run(loss_fn, hidden, lm_weight, target, case.smoothing)
     ref_loss, ref_d_hidden, ref_d_weight = reference_mean_and_grads(
         impl, hidden, lm_weight, target, case.smoothing
     )
-    loss_err = abs(float(loss.detach().double()) - ref_loss) / (abs(ref_loss) + 1)
-
-    def rel(got, want):
-        return float((got.double() - want).norm() / (want.norm() + 1e-12))
-
     errors = {
-        "loss": loss_err,
-        "d_hidden": rel(d_hidden, ref_d_hidden),
-        "d_lm_weight": rel(d_weight, ref_d_weight),
+        "loss": abs(float(loss.double()) - ref_loss) / (abs(ref_loss) + 1),
+        "d_hidden": _relative(d_hidden, ref_d_hidden),
+        "d_lm_weight": _relative(d_weight, ref_d_weight),
     }
+    del d_hidden, d_weight, ref_d_hidden, ref_d_weight
+    if case.batch > n:
+        rows = gate_rows(case.batch, problem.hidden.device)
+        _, d_hidden, _ = _run(loss_fn, problem.hidden, problem.lm_weight, problem.target, case.smoothing)
+        _, ref_rows, _ = reference_mean_and_grads(
+            impl, problem.hidden.detach()[rows], lm_weight, problem.target[rows], case.smoothing
+        )
+        # The mean's gradient is each row's over the whole batch's denominator, the reference's over
+        # the sampled rows' own: compare both times their denominator
+        whole = float((problem.target != IGNORE_INDEX).sum())
+        sampled = float((problem.target[rows] != IGNORE_INDEX).sum())
+        errors["d_hidden at the timed shape"] = _relative(d_hidden[rows] * whole, ref_rows * sampled)
     tol = GATE_TOLERANCE[case.dtype]
     if not all(err <= tol for err in errors.values()):  # also catches NaN
         said = ", ".join(f"{name} error {err:.2e}" for name, err in errors.items())
-        raise GateFailure(f"disagrees with the float64 reference on {n} tokens: {said} (tolerance {tol:.0e})")
+        raise GateFailure(f"disagrees with the float64 reference: {said} (tolerance {tol:.0e})")
     return max(errors.values())
 
 
 def estimated_head_peak_bytes(case: Case, impl: HeadImplementation | None) -> int:
-    """What a head case needs at its peak: inputs and their gradients, and the implementation's
-    factor x the N x V logits (floor-gemm: the logits and the two products)."""
+    """What a head case needs at its peak: inputs and their gradients, the implementation's factor x
+    the N x V logits (floor-gemm: the logits and the two products), and the gate's float64 lm_weight,
+    d_lm_weight, a product of their size and a few reference chunks."""
     itemsize = DTYPES[case.dtype].itemsize
     inputs = (case.batch + case.classes) * case.hidden * itemsize
     logits = case.batch * case.classes * itemsize
     factor = 1.0 if impl is None else impl.peak_factor
-    return int(2 * inputs + factor * logits) + case.batch * 8
+    gate = 0 if impl is None else 3 * case.classes * case.hidden * 8 + 3 * REFERENCE_CHUNK_ELEMENTS * 8
+    return int(2 * inputs + factor * logits) + case.batch * 8 + gate

@@ -37,7 +37,7 @@ def _ours(kind: str) -> str:
 OURS, OURS_SPARSE = _ours("exact"), _ours("sparse")
 WITHIN_PEAK = 2.0  # "fastest among those within 2x of the lowest peak"
 HEAD_CHART = "head"
-Shape = tuple[str, str, int, int, int]  # device, dtype, tokens, hidden, vocabulary
+Shape = tuple[str, str, int, int, int, str]  # device, dtype, tokens, hidden, vocabulary, machine
 
 
 def is_head_row(r: dict) -> bool:
@@ -50,7 +50,8 @@ def split(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def shape_of(r: dict) -> Shape:
-    return r["device"], r["dtype"], r["batch"], r["hidden"], r["classes"]
+    """A head row's shape, and the machine it ran on (a merged run holds several)."""
+    return r["device"], r["dtype"], r["batch"], r["hidden"], r["classes"], r.get("machine") or ""
 
 
 def _names(rows: list[dict]) -> list[str]:
@@ -225,7 +226,8 @@ def head_choice(of: dict[str, dict]) -> dict:
     )
     ours = of.get(OURS)
     if ours is None or ours not in gated:
-        verdict = f"{OURS} not measured"
+        why = "not measured" if ours is None else ("timed while busy" if ours.get("busy") else ours["status"])
+        verdict = f"no: {OURS} {why}"
     elif ours is lowest and ours is within:
         verdict = "yes"
     else:
@@ -270,14 +272,14 @@ def head_ship_tables(rows: list[dict]) -> list[tuple[str, list[str], list[list[s
         by_case[(*shape_of(r), r["smoothing"])][r["implementation"]] = r
     tables = []
     for smoothed, title in HEAD_SHIP_TITLES.items():
-        keys = sorted(k for k in by_case if (k[5] > 0) == smoothed)
+        keys = sorted(k for k in by_case if (k[-1] > 0) == smoothed)
         if not keys:
             continue
         lines = []
         for key in keys:
             of = by_case[key]
             choice = head_choice(of)
-            device, dtype, tokens, hidden, vocab, smoothing = key
+            device, dtype, tokens, hidden, vocab, machine, smoothing = key
             lines.append(
                 [
                     dtype + (f" s={smoothing:g}" if smoothed else ""),

@@ -85,7 +85,12 @@ def plot_run(rows: list[dict], metadata: dict, out_dir: Path, skipped: list[str]
     `skipped` collects a line per chart the rows cannot make, saying what it needs. Head rows
     (`lsr.heads`) get the head charts (`lsr.bench.report.head`) instead."""
     rows, heads = head.split(rows)
-    written = head.head_charts(heads, metadata, out_dir) if heads else []
+    written = []
+    if heads and merge.is_merged(heads, metadata):  # each machine's head charts in its own folder
+        for name, named, own in merge.by_machine(heads, metadata):
+            written += head.head_charts(named, own, out_dir / name)
+    elif heads:
+        written = head.head_charts(heads, metadata, out_dir)
     if not rows:
         return written
     if merge.is_merged(rows, metadata):

@@ -73,8 +73,9 @@ def recorded_copy_bandwidth(metadata: dict, device: str | None = None) -> float 
 def achieved_bandwidth(r: dict, metadata: dict | None = None) -> tuple[float | None, float | None]:
     """Bytes per second of the least traffic a forward+backward makes (the logits read, their gradient
     written: 2 · logits bytes), and that as a fraction of the machine's copy bandwidth; for measured
-    forward+backward and floor rows, from their columns or, in a file older than them, computed."""
-    if r["status"] != "ok" or r["pass"] != FWD_BWD or r["median_s"] is None:
+    forward+backward and floor rows, from their columns or, in a file older than them, computed; none
+    for a head row (`hidden`), which need never hold its logits."""
+    if r["status"] != "ok" or r["pass"] != FWD_BWD or r["median_s"] is None or r.get("hidden"):
         return None, None
     achieved = r.get("bandwidth_bytes_per_s") or 2 * r["logits_bytes"] / r["median_s"]
     copy = recorded_copy_bandwidth(metadata or {}, r["device"])

@@ -141,8 +141,10 @@ bytes), over its time, also as a share of the machine's copy bandwidth (metadata
 HEAD_FLOOR_NOTE = """\
 The LM head losses (`lsr.heads`: hidden states (N, H) and an output matrix (V, H) in, rows with
 `hidden` > 0) have one floor, `floor-gemm`: the three GEMMs alone (the logits, d_hidden and
-d_lm_weight products) at the same shapes and dtype, the work any head loss does; `x floor-gemm` is a
-head loss's forward+backward time over it. Their peaks include the gradients of the inputs.
+d_lm_weight products) as torch runs them at the same shapes and dtype; `x floor-gemm` is a head
+loss's forward+backward time over it. It is a reference, not a bound: a loss that computes a product
+another way goes below it (ours takes d_lm_weight in float32 for half weights on a CPU without
+half-precision matrix units, where torch's half GEMMs are slower). Peaks include the inputs' gradients.
 """
 ENVIRONMENT = (
     "device_name",

@@ -313,3 +313,14 @@ def test_ours_is_chosen_only_with_the_lowest_peak_and_the_fastest_within_twice_i
     assert head_report.head_choice(of)["lowest"]["implementation"] == "cce"
     of["cce"]["status"] = "failed"  # the gate rejected it: out of the choice
     assert head_report.head_choice(of)["lowest"]["implementation"] == "head-exact"
+
+
+def test_the_chart_names_a_point_lost_at_one_size():
+    rows = [
+        row(name, ms, mib, smoothing=0.1) | {"batch": n, "threads": 2}
+        for name, ms, mib in ((FLOOR_GEMM, 300, 100), ("head-exact", 320, 50), ("materialised", 500, 400))
+        for n in (512, 2048)
+    ]
+    rows[-1] = rows[-1] | {"status": "oom", "median_s": None, "peak_bytes": None}  # materialised at 2048
+    fig = head_report.head_figure(rows, {}, "float32", 256, 32000)
+    assert "materialised (oom at N 2048)" in fig.axes[0].get_xlabel()

@@ -97,6 +97,9 @@ def _panel(ax, rows: list[dict], names: list[str], floors: dict, quantity: str) 
             last[name] = (xs[-1], ys[-1])
         elif own:
             missing.append(f"{name} ({own[0]['status']})")
+        # a point lost at some sizes only (oom, skipped at large N) is named with its N
+        if points:
+            missing += [f"{name} ({r['status']} at N {r['batch']})" for r in own if r["status"] != "ok"]
     if quantity == "peak":
         _name_coinciding(ax, last)
     ax.set_xscale("log", base=2)

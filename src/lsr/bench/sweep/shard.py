@@ -42,9 +42,9 @@ CASE_OVERHEAD_BYTES = 16 * 2**20
 
 
 def size_of(case: Case) -> tuple:
-    """A size: the cases with these (device, dtype, N, C) share their floors, and, by ignore fraction
-    and weights, their inputs."""
-    return case.device, case.dtype, case.batch, case.classes
+    """A size: the cases with these (device, dtype, N, C, and a head case's H) share their floors,
+    and, by ignore fraction and weights, their inputs."""
+    return case.device, case.dtype, case.batch, case.classes, case.hidden
 
 
 def share(cases: list[Case], rank: int, world_size: int) -> list[Case]:

@@ -79,9 +79,9 @@ class HeadImplementation:
 
     name: str
     loss: HeadLossFn
-    smoothing_kind: SmoothingKind
-    devices: tuple[Device, ...]
     description: str
+    smoothing_kind: SmoothingKind = "exact"
+    devices: tuple[Device, ...] = ("cpu", "cuda")
     is_available: Callable[[str], bool] = field(default=lambda device: True)
     dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16", "float64")
     max_smoothing: float = 1.0  # 0: plain cross-entropy only
@@ -245,17 +245,26 @@ OURS_NOTES = (
     "backward-only pass only hands them over (microseconds): compare forward+backward"
 )
 
+# What this project's head losses share, and what the compiled materialised losses share
+OURS = {
+    "is_available": lambda device: device == "cpu" or triton_available(),
+    "ours": True,
+    "notes": OURS_NOTES,
+    "peak_factor": 0.3,
+}
+COMPILED = {
+    "is_available": _compile_available,
+    "repeatable_backward": False,
+    "compiles": True,
+    "peak_factor": 3.0,
+}
+
 register(
     HeadImplementation(
         name="head-exact",
         loss=_ours,
-        smoothing_kind="exact",
-        devices=("cpu", "cuda"),
         description="lsr.linear_label_smoothing: chunks of rows, the one-pass kernel on each (C++ / Triton)",
-        is_available=lambda device: device == "cpu" or triton_available(),
-        ours=True,
-        notes=OURS_NOTES,
-        peak_factor=0.3,
+        **OURS,
         chart_style=("#d62728", "^"),
     )
 )
@@ -264,12 +273,8 @@ register(
         name="head-sparse",
         loss=functools.partial(_ours, sparse=True),
         smoothing_kind="sparse",
-        devices=("cpu", "cuda"),
         description="lsr.linear_label_smoothing(sparse=True): SparseLSR, equation 15, chunked",
-        is_available=lambda device: device == "cpu" or triton_available(),
-        ours=True,
-        notes=OURS_NOTES,
-        peak_factor=0.3,
+        **OURS,
         chart_style=("#9467bd", "v"),
     )
 )
@@ -277,8 +282,6 @@ register(
     HeadImplementation(
         name="materialised",
         loss=_materialised,
-        smoothing_kind="exact",
-        devices=("cpu", "cuda"),
         description="F.cross_entropy(F.linear(h, w), label_smoothing=): the N x V logits held",
         peak_factor=4.0,
         chart_style=("#1f77b4", "o"),
@@ -288,14 +291,9 @@ register(
     HeadImplementation(
         name="materialised-compiled",
         loss=functools.partial(_compiled, auto_chunk=False),
-        smoothing_kind="exact",
-        devices=("cpu", "cuda"),
         description="torch.compile of the materialised loss, inductor's auto-chunker off",
-        is_available=_compile_available,
-        repeatable_backward=False,
-        compiles=True,
+        **COMPILED,
         notes=COMPILED_NOTES,
-        peak_factor=3.0,
         chart_style=("#e377c2", "*"),
     )
 )
@@ -303,14 +301,9 @@ register(
     HeadImplementation(
         name="compiled-autochunk",
         loss=functools.partial(_compiled, auto_chunk=True),
-        smoothing_kind="exact",
-        devices=("cpu", "cuda"),
         description="torch.compile of the materialised loss with inductor's auto-chunker on",
-        is_available=_compile_available,
-        repeatable_backward=False,
-        compiles=True,
+        **COMPILED,
         notes=COMPILED_NOTES + "; whether it chunks is inductor's choice, and the peak column tells",
-        peak_factor=3.0,
         chart_style=("#7f7f7f", "p"),
     )
 )
@@ -318,8 +311,6 @@ register(
     HeadImplementation(
         name="torch-linear-ce",
         loss=_torch_linear_ce,
-        smoothing_kind="exact",
-        devices=("cpu", "cuda"),
         description="torch F.linear_cross_entropy, no options (its reference path: materialises)",
         peak_factor=4.0,
         chart_style=("#8c564b", "s"),
@@ -329,8 +320,6 @@ register(
     HeadImplementation(
         name="torch-linear-ce-chunked",
         loss=functools.partial(_torch_linear_ce, chunked=True),
-        smoothing_kind="exact",
-        devices=("cpu", "cuda"),
         description="torch F.linear_cross_entropy(options=LinearCrossEntropyOptions()): chunked",
         repeatable_backward=False,
         notes="at smoothing > 0 torch warns that it does not support label smoothing and falls back to "
@@ -343,7 +332,6 @@ register(
     HeadImplementation(
         name="liger-flce",
         loss=_liger,
-        smoothing_kind="exact",
         devices=("cuda",),
         description=f"Liger-Kernel's LigerFusedLinearCrossEntropyFunction(label_smoothing=), checked with {LIGER_VERSION_TESTED}",
         is_available=lambda device: device == "cuda" and liger_installed(),
@@ -361,7 +349,6 @@ register(
     HeadImplementation(
         name="cce",
         loss=_cce,
-        smoothing_kind="exact",
         devices=("cuda",),
         description="Cut Cross-Entropy's Triton kernels (apple/ml-cross-entropy), filter_eps=None",
         is_available=lambda device: device == "cuda" and _installed("cut_cross_entropy", "triton"),
@@ -377,8 +364,6 @@ register(
     HeadImplementation(
         name="cce-torch-compile",
         loss=functools.partial(_cce, impl="torch_compile"),
-        smoothing_kind="exact",
-        devices=("cpu", "cuda"),
         description="Cut Cross-Entropy's torch.compile path (impl='torch_compile'), filter_eps=None",
         is_available=lambda device: _installed("cut_cross_entropy") and _compile_available(device),
         dtypes=("float32", "bfloat16", "float16"),

@@ -31,6 +31,11 @@ def gate_rows(batch: int, device: torch.device) -> torch.Tensor:
     return rows.to(device)
 
 
+def relative_norm_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """|got - want| / |want| in float64 (Frobenius norms): a gradient's error against its reference."""
+    return float((got.double() - want).norm() / (want.norm() + 1e-12))
+
+
 def mean_denominator(target: torch.Tensor, weight: torch.Tensor | None) -> float:
     """What reduction "mean" divides the summed loss by: the number of rows not ignored, or, with class
     weights, the sum of their targets' weights (as F.cross_entropy)."""
@@ -79,7 +84,7 @@ def check_against_reference(
     loss_err = float(((per_row - ref_per_row).abs() / (ref_per_row.abs() + 1)).max())
     mean_of_rows = float(per_row_all.sum()) / denominator
     loss_err = max(loss_err, abs(mean_value - mean_of_rows) / (abs(mean_of_rows) + 1))
-    grad_err = float((grad - ref_grad).norm() / (ref_grad.norm() + 1e-12))
+    grad_err = relative_norm_error(grad, ref_grad)
     if not (loss_err <= tol and grad_err <= tol):  # also catches NaN
         raise GateFailure(
             f"disagrees with the float64 reference: loss error {loss_err:.2e}, gradient error {grad_err:.2e} "

@@ -15,8 +15,8 @@ import warnings
 import torch
 
 from lsr.bench.data import FLOOR_GEMM, IGNORE_INDEX, Case
-from lsr.bench.measure.gate import GATE_TOLERANCE, GateFailure, gate_rows
-from lsr.bench.measure.problem import synchronize
+from lsr.bench.measure.gate import GATE_TOLERANCE, GateFailure, gate_rows, relative_norm_error
+from lsr.bench.measure.problem import TimedPass
 from lsr.heads import HeadImplementation, TorchFellBack
 from lsr.types import DTYPES
 
@@ -50,9 +50,8 @@ class HeadProblem:
         return cls(hidden, lm_weight, target)
 
 
-class HeadTimedPass:
-    """The callable a head case times: forward (the loss, autograd recording), backward
-    (`torch.autograd.grad` of a graph built beforehand) or both, gradients of (hidden, lm_weight)
+class HeadTimedPass(TimedPass):
+    """The callable a head case times: `TimedPass`'s passes over (hidden, lm_weight), gradients
     returned, never accumulated; `impl` None: floor-gemm, the three GEMMs under no_grad."""
 
     prepares = False
@@ -66,13 +65,10 @@ class HeadTimedPass:
             self._step = HeadTimedPass._gemms
             return
         self.loss_fn = loss_fn or impl.loss
-        self._step = {
-            "forward": HeadTimedPass._forward,
-            "backward": HeadTimedPass._backward,
-            "forward+backward": HeadTimedPass._both,
-        }[case.pass_]
-        if case.pass_ == "backward":
-            self.loss = self._loss()
+        self._choose_pass()
+
+    def _differentiated(self) -> tuple[torch.Tensor, ...]:
+        return self.problem.hidden, self.problem.lm_weight
 
     note = ""  # what the loss said it did differently (torch's fallback), for the row's message
 
@@ -93,25 +89,6 @@ class HeadTimedPass:
             h, w = self.problem.hidden, self.problem.lm_weight
             z = h @ w.t()  # the logits (N, V)
             return z @ w, z.t() @ h  # d_hidden's and d_lm_weight's products, z standing in for dL/dz
-
-    def _forward(self):
-        return self._loss()
-
-    def _backward(self):
-        return torch.autograd.grad(
-            self.loss, (self.problem.hidden, self.problem.lm_weight), retain_graph=True
-        )
-
-    def _both(self):
-        return torch.autograd.grad(self._loss(), (self.problem.hidden, self.problem.lm_weight))
-
-    def enqueue(self):
-        return self._step(self)
-
-    def __call__(self):
-        out = self._step(self)
-        synchronize(self.device)
-        return out
 
 
 def reference_mean_and_grads(
@@ -138,10 +115,6 @@ def reference_mean_and_grads(
         d_hidden[chunk] = g @ w
         d_weight += g.t() @ h[chunk]
     return total / denominator, d_hidden / denominator, d_weight / denominator
-
-
-def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.double() - want).norm() / (want.norm() + 1e-12))
 
 
 def _run(loss_fn, hidden, lm_weight, target, smoothing):
@@ -172,8 +145,8 @@ def check_head_against_reference(
     )
     errors = {
         "loss": abs(float(loss.double()) - ref_loss) / (abs(ref_loss) + 1),
-        "d_hidden": _relative(d_hidden, ref_d_hidden),
-        "d_lm_weight": _relative(d_weight, ref_d_weight),
+        "d_hidden": relative_norm_error(d_hidden, ref_d_hidden),
+        "d_lm_weight": relative_norm_error(d_weight, ref_d_weight),
     }
     del d_hidden, d_weight, ref_d_hidden, ref_d_weight
     if case.batch > n:
@@ -186,7 +159,9 @@ def check_head_against_reference(
         # the sampled rows' own: compare both times their denominator
         whole = float((problem.target != IGNORE_INDEX).sum())
         sampled = float((problem.target[rows] != IGNORE_INDEX).sum())
-        errors["d_hidden at the timed shape"] = _relative(d_hidden[rows] * whole, ref_rows * sampled)
+        errors["d_hidden at the timed shape"] = relative_norm_error(
+            d_hidden[rows] * whole, ref_rows * sampled
+        )
     tol = GATE_TOLERANCE[case.dtype]
     if not all(err <= tol for err in errors.values()):  # also catches NaN
         said = ", ".join(f"{name} error {err:.2e}" for name, err in errors.items())

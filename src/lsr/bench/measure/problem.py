@@ -140,15 +140,23 @@ class TimedPass:
             self._step = {FLOOR: TimedPass._floor, FLOOR_ALLOC: TimedPass._floor_alloc}[case.implementation]
             return
         self.loss_fn = loss_fn or impl.loss
-        # Functions, not bound methods: a TimedPass holding its own method would be a reference cycle,
-        # its tensors freed only by the garbage collector.
+        self._choose_pass()
+
+    def _choose_pass(self) -> None:
+        """The step of the case's pass; for backward, the graph it runs through, built now (untimed).
+        Functions, not bound methods: a pass holding its own method would be a reference cycle, its
+        tensors freed only by the garbage collector."""
         self._step = {
             "forward": TimedPass._forward,
             "backward": TimedPass._backward,
             "forward+backward": TimedPass._both,
-        }[case.pass_]
-        if case.pass_ == "backward":
+        }[self.case.pass_]
+        if self.case.pass_ == "backward":
             self.loss = self._loss()
+
+    def _differentiated(self) -> tuple[torch.Tensor, ...]:
+        """The inputs whose gradients a pass returns."""
+        return (self.problem.logits,)
 
     def prepare(self) -> None:
         """Fresh logits for the next call (where `prepares`): the last call's, which hold a gradient, go
@@ -174,10 +182,10 @@ class TimedPass:
         return self._loss()
 
     def _backward(self):
-        return torch.autograd.grad(self.loss, self.problem.logits, retain_graph=True)
+        return torch.autograd.grad(self.loss, self._differentiated(), retain_graph=True)
 
     def _both(self):
-        return torch.autograd.grad(self._loss(), self.problem.logits)
+        return torch.autograd.grad(self._loss(), self._differentiated())
 
     def enqueue(self):
         """The pass, without waiting for the device."""

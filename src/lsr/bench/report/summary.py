@@ -325,9 +325,8 @@ def _failures(rows: list[dict]) -> list[str]:
     return ["Cases that did not complete:", "", table, ""]
 
 
-def _run_section(run_dir: Path, results_root: Path) -> list[str]:
+def _run_section(run_dir: Path, results_root: Path, rows: list[dict], metadata: dict) -> list[str]:
     """One run directory's part of the summary: environment, case counts, tables, charts, failures."""
-    rows, metadata = load(run_dir)
     rel = run_dir.relative_to(results_root)
     counts = Counter(r["status"] for r in rows)
     tally = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
@@ -370,15 +369,15 @@ def _head_failures(rows: list[dict]) -> list[str]:
 
 def write_summary(results_root: Path) -> Path:
     """results/README.md: for every run directory under results_root, its environment, table and charts."""
-    run_dirs = sorted(p.parent for p in results_root.glob(f"*/{RESULTS_FILE}"))
-    kinds = {bool(r.get("hidden")) for run_dir in run_dirs for r in load(run_dir)[0]}
+    runs = {p.parent: load(p.parent) for p in sorted(results_root.glob(f"*/{RESULTS_FILE}"))}
+    kinds = {bool(r.get("hidden")) for rows, _ in runs.values() for r in rows}  # head rows, logits rows
     lines = [
         PREAMBLE,
         *([FLOORS_NOTE] if False in kinds else []),
         *([HEAD_FLOOR_NOTE] if True in kinds else []),
     ]
-    for run_dir in run_dirs:
-        lines += _run_section(run_dir, results_root)
+    for run_dir, (rows, metadata) in runs.items():
+        lines += _run_section(run_dir, results_root, rows, metadata)
     if (results_root / "head" / "README.md").exists():
         lines += [
             "## The LM head losses",

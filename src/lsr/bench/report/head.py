@@ -128,13 +128,14 @@ def _name_coinciding(ax, last: dict[str, tuple[float, float]]) -> None:
             groups.append([name])
     for group in (g for g in groups if len(g) > 1):
         x, y = last[group[0]]
+        top = group is groups[-1]  # the highest group's names go below its point, inside the panel
         ax.annotate(
             "\n".join(group),
             (x, y),
-            xytext=(-6, 4),
+            xytext=(-8, -6 if top else 4),
             textcoords="offset points",
             ha="right",
-            va="bottom",
+            va="top" if top else "bottom",
             fontsize=7,
         )
 

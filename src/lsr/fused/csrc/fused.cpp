@@ -266,8 +266,8 @@ std::pair<double, double> stats_row(
 // One row of the gradient: out_k = p exp(z_k - lse) - r w_k, out_y = t. `out` may be `z` (in place).
 template <typename scalar_t, typename acc_t>
 LSR_FLATTEN void gradient_row(
-    const scalar_t* z, scalar_t* out, int64_t C, int64_t y, const acc_t* w, double lse, double p, double r,
-    double t) {
+    const scalar_t* z, scalar_t* out, const scalar_t* next_row, int64_t C, int64_t y, const acc_t* w, double lse,
+    double p, double r, double t) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   const int64_t C_vec = C - C % V;
@@ -281,6 +281,7 @@ LSR_FLATTEN void gradient_row(
   } else {
     const Vec vlse(static_cast<acc_t>(lse)), vp(static_cast<acc_t>(p)), vr(static_cast<acc_t>(r));
     store_row<scalar_t, acc_t>(out, C_vec, [&](int64_t j) {
+      prefetch(next_row, j, V);
       const Vec e = vec_exp(load_wide<scalar_t, acc_t>(z + j) - vlse);
       if (!subtract) return e * vp;
       return w ? at::vec::fmsub(e, vp, vr * Vec::loadu(w + j)) : at::vec::fmsub(e, vp, vr);
@@ -509,7 +510,7 @@ void gradient(
     const acc_t *r_in = r.data_ptr<acc_t>(), *t_in = t.data_ptr<acc_t>();
     parallel_rows(M, C, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        gradient_row<scalar_t, acc_t>(z + i * C, g + i * C, C, y[i], w, lse_in[i], p_in[i], r_in[i], t_in[i]);
+        gradient_row<scalar_t, acc_t>(z + i * C, g + i * C, i + 1 < end ? z + (i + 1) * C : nullptr, C, y[i], w, lse_in[i], p_in[i], r_in[i], t_in[i]);
       }
     });
   });

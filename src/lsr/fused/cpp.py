@@ -94,12 +94,13 @@ def threads_used() -> int:
     """How many distinct intra-op threads ran rows in the last call of a C++ kernel (0 before any)."""
     module = extension()
     if module is None:
-        raise RuntimeError(f"the C++ kernels are unavailable: {build_problem()}")
+        raise RuntimeError(f"the C++ kernels are unavailable: {_FAILURE or build_problem()}")
     return int(module.threads_used())
 
 
 BUILD_SECONDS: float | None = None  # how long `extension()` took to build or load, once it has
 _LOADED = None  # torch.ops.lsr_fused once `extension()` has loaded it: what a compiled trace reads
+_FAILURE: str | None = None  # why the last `extension()` returned None (a failed build, say)
 
 
 def _register_fake() -> None:
@@ -128,7 +129,7 @@ def extension():
     """The compiled kernels' ops, `torch.ops.lsr_fused` (built at first call, then loaded from the
     cache), or None with a warning when they cannot be built here. With LSR_CPP=1 (CI) it raises
     instead of falling back."""
-    global BUILD_SECONDS, _LOADED
+    global BUILD_SECONDS, _LOADED, _FAILURE
     problem = build_problem()
     if problem is None:
         from torch.utils.cpp_extension import load
@@ -154,6 +155,7 @@ def extension():
                 _register_fake()
             _LOADED = torch.ops.lsr_fused
             return _LOADED
+    _FAILURE = problem
     if os.environ.get("LSR_CPP") == "1":
         raise RuntimeError(f"LSR_CPP=1 but the C++ kernels are unavailable: {problem}")
     warnings.warn(
@@ -175,7 +177,7 @@ def available() -> bool:
 def _ops():
     ops = _LOADED if torch.compiler.is_compiling() else extension()
     if ops is None:
-        raise RuntimeError(f"the C++ kernels are unavailable: {build_problem()}")
+        raise RuntimeError(f"the C++ kernels are unavailable: {_FAILURE or build_problem()}")
     return ops
 
 
@@ -211,6 +213,11 @@ def forward_gradient(logits, target, weight, scale, smoothing: float, sparse: bo
     )
     torch.autograd.graph.increment_version(logits)  # as in `gradient`
     return row_loss
+
+
+def sweep_exp(x: torch.Tensor) -> torch.Tensor:
+    """The exp the kernels' sweeps use, elementwise (float32 or float64), for testing its accuracy."""
+    return _ops().sweep_exp(x.contiguous())
 
 
 def _contiguous(weight):

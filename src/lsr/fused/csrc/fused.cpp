@@ -106,24 +106,67 @@ inline Vectorized<acc_t> load_wide(const scalar_t* p) {
   }
 }
 
-// Stores a row's values given as vectors: value(j) for j in [0, C_vec) step V, narrowed to scalar_t
-// two vectors at a time for half types; the tail [C_vec, C) is the caller's.
+// A row's tail, its last C % V values, as a padded vector: the first `count` from p, the other lanes
+// `fill` (masked loads for float and double). The sweeps handle it as one more vector, and before
+// their loop: assembled after the loop (and in double, with std::exp, in the gradient) it sat on
+// each row's critical path, about a tenth of the one-pass kernel's time at C = 1000.
+template <typename scalar_t, typename acc_t>
+inline Vectorized<acc_t> load_tail(const scalar_t* p, int64_t count, acc_t fill) {
+  using Vec = Vectorized<acc_t>;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return Vec::set(Vec(fill), Vec::loadu(p, count), count);
+  } else {
+    acc_t values[Vec::size()];
+    for (int64_t k = 0; k < Vec::size(); ++k) values[k] = k < count ? static_cast<acc_t>(p[k]) : fill;
+    return Vec::loadu(values);
+  }
+}
+
+// The first `count` lanes of v, narrowed to scalar_t, stored at p.
+template <typename scalar_t, typename acc_t>
+inline void store_tail(scalar_t* p, const Vectorized<acc_t>& v, int64_t count) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    v.store(p, count);
+  } else {
+    acc_t values[Vectorized<acc_t>::size()];
+    v.store(values);
+    for (int64_t k = 0; k < count; ++k) p[k] = static_cast<scalar_t>(values[k]);
+  }
+}
+
+// v with lane k set to x (rare: a target column's lane in SparseLSR's exp sweep).
+template <typename acc_t>
+inline Vectorized<acc_t> with_lane(const Vectorized<acc_t>& v, int64_t k, acc_t x) {
+  acc_t lanes[Vectorized<acc_t>::size()];
+  v.store(lanes);
+  lanes[k] = x;
+  return Vectorized<acc_t>::loadu(lanes);
+}
+
+// V values from p, widened: all of them (count == V, the loops' case, which the inlined lambdas
+// below fold to `load_wide`), or a tail padded with zeros.
+template <typename scalar_t, typename acc_t>
+inline Vectorized<acc_t> load_some(const scalar_t* p, int64_t count) {
+  return count == Vectorized<acc_t>::size() ? load_wide<scalar_t, acc_t>(p) : load_tail<scalar_t, acc_t>(p, count, 0);
+}
+
+// Stores a row of C values given as vectors: value(j, count) for the `count` values from column j,
+// count = V but in the tail (the tail first, as load_tail says), narrowed to scalar_t two vectors
+// at a time for half types.
 template <typename scalar_t, typename acc_t, typename Value>
-inline void store_row(scalar_t* out, int64_t C_vec, Value value) {
+inline void store_row(scalar_t* out, int64_t C, Value value) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
+  const int64_t C_vec = C - C % V;
+  if (C_vec < C) store_tail<scalar_t, acc_t>(out + C_vec, value(C_vec, C - C_vec), C - C_vec);
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    for (int64_t j = 0; j < C_vec; j += V) value(j).store(out + j);
+    for (int64_t j = 0; j < C_vec; j += V) value(j, V).store(out + j);
   } else {
     int64_t j = 0;
     for (; j + 2 * V <= C_vec; j += 2 * V) {
-      at::vec::convert_from_float<scalar_t>(value(j), value(j + V)).store(out + j);
+      at::vec::convert_from_float<scalar_t>(value(j, V), value(j + V, V)).store(out + j);
     }
-    for (; j < C_vec; j += V) {
-      acc_t g[V];
-      value(j).store(g);
-      for (int64_t k = 0; k < V; ++k) out[j + k] = static_cast<scalar_t>(g[k]);
-    }
+    if (j < C_vec) store_tail<scalar_t, acc_t>(out + j, value(j, V), V);
   }
 }
 
@@ -166,6 +209,16 @@ LSR_FLATTEN MaxDot max_and_dot(const scalar_t* z, int64_t C, const acc_t* w, boo
     vmax[c] = Vec(-std::numeric_limits<acc_t>::infinity());
     vdot[c] = Vec(0);
   }
+  // The tail first (load_tail says why): zeros past C for the dot, -inf for the max
+  Vec tail_dot(0);
+  if (C_vec < C) {
+    const Vec t = load_tail<scalar_t, acc_t>(z + C_vec, C - C_vec, acc_t(0));
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+      if (wide) t.store(wide + C_vec, C - C_vec);
+    }
+    vmax[0] = Vec::set(Vec(-std::numeric_limits<acc_t>::infinity()), t, C - C_vec);
+    if (need_dot) tail_dot = w ? t * Vec::loadu(w + C_vec, C - C_vec) : t;
+  }
   auto read = [&](int64_t j, int c) {
     const Vec v = load_wide<scalar_t, acc_t>(z + j);
     if constexpr (!std::is_same_v<scalar_t, acc_t>) {
@@ -188,16 +241,9 @@ LSR_FLATTEN MaxDot max_and_dot(const scalar_t* z, int64_t C, const acc_t* w, boo
       for (int c = 0; c < kChains; ++c) vdot[c] = Vec(0);
     }
   }
+  if (need_dot) dot += at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, tail_dot);
   const Vec all = at::vec::maximum(at::vec::maximum(vmax[0], vmax[1]), at::vec::maximum(vmax[2], vmax[3]));
-  double m = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, all);
-  for (int64_t j = C_vec; j < C; ++j) {
-    const acc_t v = static_cast<acc_t>(z[j]);
-    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-      if (wide) wide[j] = v;
-    }
-    m = (std::isnan(v) || std::isnan(m)) ? std::numeric_limits<double>::quiet_NaN() : std::max(m, double(v));
-    if (need_dot) dot += (w ? static_cast<double>(w[j]) : 1.0) * v;
-  }
+  const double m = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, all);
   return {m, dot};
 }
 
@@ -231,16 +277,19 @@ LSR_FLATTEN double exp_sum(
   const int64_t excluded_start = excluded >= 0 && excluded < C_vec ? excluded - excluded % V : -1;
   auto term = [&](int64_t j) {
     Vec v = load_wide<src_t, acc_t>(src + j);
-    if (j == excluded_start) {
-      acc_t lanes[V];
-      v.store(lanes);
-      lanes[excluded - j] = kMinusInf;
-      v = Vec::loadu(lanes);
-    }
+    if (j == excluded_start) v = with_lane(v, excluded - j, kMinusInf);
     const Vec e = vec_exp(v - vm);
     if constexpr (kStore) e.store(dst + j);
     return e;
   };
+  // The tail first (load_tail says why), padded with -inf: exp 0
+  Vec tail(0);
+  if (C_vec < C) {
+    Vec v = load_tail<src_t, acc_t>(src + C_vec, C - C_vec, kMinusInf);
+    if (excluded >= C_vec && excluded < C) v = with_lane(v, excluded - C_vec, kMinusInf);
+    tail = vec_exp(v - vm);
+    if constexpr (kStore) tail.store(dst + C_vec, C - C_vec);
+  }
   double sum = 0;
   for (int64_t start = 0; start < C_vec; start += kSumBlock) {
     const int64_t stop = std::min(start + kSumBlock, C_vec);
@@ -258,17 +307,7 @@ LSR_FLATTEN double exp_sum(
     const Vec block = (vsum[0] + vsum[1]) + (vsum[2] + vsum[3]);
     sum += at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, block);
   }
-  if (C_vec < C) {  // the tail through a padded vector, so that it gets the same exp
-    acc_t tail[V];
-    std::fill(tail, tail + V, kMinusInf);
-    for (int64_t j = C_vec; j < C; ++j) tail[j - C_vec] = j == excluded ? kMinusInf : static_cast<acc_t>(src[j]);
-    vec_exp(Vec::loadu(tail) - vm).store(tail);
-    for (int64_t j = C_vec; j < C; ++j) {
-      if constexpr (kStore) dst[j] = tail[j - C_vec];
-      sum += tail[j - C_vec];
-    }
-  }
-  return sum;
+  return sum + at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, tail);
 }
 
 // One row's statistics: lse, and dot (exact) or 1 - p_y (sparse, from the non-target terms). Half
@@ -313,13 +352,12 @@ LSR_FLATTEN void gradient_row(
     for (int64_t j = 0; j < C; ++j) out[j] = static_cast<scalar_t>(scalar(j));
   } else {
     const Vec vlse(static_cast<acc_t>(lse)), vp(static_cast<acc_t>(p)), vr(static_cast<acc_t>(r));
-    store_row<scalar_t, acc_t>(out, C_vec, [&](int64_t j) {
-      prefetch(next_row, j, V);
-      const Vec e = vec_exp(load_wide<scalar_t, acc_t>(z + j) - vlse);
+    store_row<scalar_t, acc_t>(out, C, [&](int64_t j, int64_t count) {
+      prefetch(next_row, j, count);
+      const Vec e = vec_exp(load_some<scalar_t, acc_t>(z + j, count) - vlse);
       if (!subtract) return e * vp;
-      return w ? at::vec::fmsub(e, vp, vr * Vec::loadu(w + j)) : at::vec::fmsub(e, vp, vr);
+      return w ? at::vec::fmsub(e, vp, vr * load_some<acc_t, acc_t>(w + j, count)) : at::vec::fmsub(e, vp, vr);
     });
-    for (int64_t j = C_vec; j < C; ++j) out[j] = static_cast<scalar_t>(scalar(j));
   }
   out[y] = static_cast<scalar_t>(t);
 }
@@ -415,15 +453,12 @@ LSR_FLATTEN double onepass_row(
   const Vec valpha(static_cast<acc_t>(r.alpha));
   const Vec vgamma(static_cast<acc_t>(r.gamma));
   const bool subtract = r.gamma != 0;  // skipped at eps = 0 (and s = 0): no 0 * w
-  store_row<scalar_t, acc_t>(z, C_vec, [&](int64_t j) {
-    const Vec ej = Vec::loadu(e + j);
+  store_row<scalar_t, acc_t>(z, C, [&](int64_t j, int64_t count) {
+    const Vec ej = load_some<acc_t, acc_t>(e + j, count);
     if (!subtract) return ej * valpha;
-    return w ? at::vec::fmsub(ej, valpha, vgamma * Vec::loadu(w + j)) : at::vec::fmsub(ej, valpha, vgamma);
+    return w ? at::vec::fmsub(ej, valpha, vgamma * load_some<acc_t, acc_t>(w + j, count))
+             : at::vec::fmsub(ej, valpha, vgamma);
   });
-  for (int64_t j = C_vec; j < C; ++j) {
-    const double g = r.alpha * e[j] - (subtract ? r.gamma * (w ? static_cast<double>(w[j]) : 1.0) : 0.0);
-    z[j] = static_cast<scalar_t>(g);
-  }
   z[y] = static_cast<scalar_t>(r.g_y);
   return r.loss;
 }

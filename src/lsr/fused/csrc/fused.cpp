@@ -67,13 +67,13 @@ inline Vectorized<acc_t> vec_exp(const Vectorized<acc_t>& x) {
 
 #if defined(CPU_CAPABILITY_AVX512)
 // On AVX-512, where the logits come from cache, the sweeps are bound by arithmetic, most of it the
-// exp, on the two ports that run 512-bit instructions: 12 instructions here against exp_u20's 19
+// exp, on the two ports that run 512-bit instructions: 11 instructions here against exp_u20's 19
 // (a loop over L1: 0.26 against 0.35 ns per value; docs/fused.md has the kernels' times). exp(x) = 2^n e^r, n = round(x / ln 2),
 // r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2 in two parts, so that n ln2_hi is exact), e^r by a degree-5
-// polynomial fitted for relative error (1.8e-7 in float32 arithmetic), 2^n applied by scalef, which
+// polynomial fitted for relative error (1.7e-7 over every float32 in [-110, 0]), 2^n applied by scalef, which
 // also gives subnormals and 0. Arguments below -110 are clamped there (exp 0 exactly, -inf
 // included); NaN becomes 0 as with exp_u20. Tested against float64 over the float range by
-// tests/test_cpp_kernels.py through `lsr_fused::vec_exp`.
+// tests/test_cpp_kernels.py through `lsr_fused::sweep_exp`.
 template <>
 inline Vectorized<float> vec_exp<float>(const Vectorized<float>& x) {
   constexpr float kLog2e = 1.44269502f, kLn2Hi = 0.693145751953125f, kLn2Lo = 1.42860677e-06f;
@@ -473,9 +473,10 @@ acc_t* row_or_buffer(scalar_t* row, at::Tensor& buffer) {
   }
 }
 
-// row_stats' float32 copy of a half row, per thread, only up to this many classes (64 KB): the
-// in-place mode's memory is O(N) with at most 64 B per row, and longer buffers would exceed it at
-// N = 1024 (measured: 149 B/row at C = 32768)
+// row_stats' float32 copy of a half row, one per task (a task per thread), only up to this many
+// classes: at most 64 KB per thread, O(threads x C), not O(N). The in-place peak it adds is measured
+// with the rest: 46-60 B/row in the sweep's half rows from 1024 rows at C 10000 (177 B/row at
+// N 256), where a buffer at C 32768 gave 149 B/row at N 1024.
 constexpr int64_t kWideRowMax = 16384;
 
 // Half inputs: a float32 row, one per task, from torch's allocator (so that the peak-memory meter

@@ -107,9 +107,9 @@ inline Vectorized<acc_t> load_wide(const scalar_t* p) {
 }
 
 // A row's tail, its last C % V values, as a padded vector: the first `count` from p, the other lanes
-// `fill` (masked loads for float and double). The sweeps handle it as one more vector, and before
-// their loop: assembled after the loop (and in double, with std::exp, in the gradient) it sat on
-// each row's critical path, about a tenth of the one-pass kernel's time at C = 1000.
+// `fill` (masked loads for float and double). The sweeps handle it as one more vector, before their
+// loop: assembled after it by scalar code (the gradient's in double, with std::exp per value) it
+// cost 5-22% of the kernels at C = 1000 (docs/fused.md).
 template <typename scalar_t, typename acc_t>
 inline Vectorized<acc_t> load_tail(const scalar_t* p, int64_t count, acc_t fill) {
   using Vec = Vectorized<acc_t>;

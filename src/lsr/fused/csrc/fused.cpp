@@ -68,12 +68,12 @@ inline Vectorized<acc_t> vec_exp(const Vectorized<acc_t>& x) {
 #if defined(CPU_CAPABILITY_AVX512)
 // On AVX-512, where the logits come from cache, the sweeps are bound by arithmetic, most of it the
 // exp, on the two ports that run 512-bit instructions: 11 instructions here against exp_u20's 19
-// (a loop over L1: 0.26 against 0.35 ns per value; docs/fused.md has the kernels' times). exp(x) = 2^n e^r, n = round(x / ln 2),
-// r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2 in two parts, so that n ln2_hi is exact), e^r by a degree-5
-// polynomial fitted for relative error (1.7e-7 over every float32 in [-110, 0]), 2^n applied by scalef, which
-// also gives subnormals and 0. Arguments below -110 are clamped there (exp 0 exactly, -inf
-// included); NaN becomes 0 as with exp_u20. Tested against float64 over the float range by
-// tests/test_cpp_kernels.py through `lsr_fused::sweep_exp`.
+// (a loop over L1: 0.26 against 0.35 ns per value; docs/fused.md has the kernels' times).
+// exp(x) = 2^n e^r, n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2 in two parts, so
+// that n ln2_hi is exact), e^r by a degree-5 polynomial fitted for relative error (1.7e-7 over every
+// float32 in [-110, 0]), 2^n applied by scalef, which also gives subnormals and 0. Arguments below
+// -110 are clamped there (exp 0 exactly, -inf included); NaN becomes 0 as with exp_u20. Tested
+// against float64 by tests/test_cpp_kernels.py through `lsr_fused::sweep_exp`.
 template <>
 inline Vectorized<float> vec_exp<float>(const Vectorized<float>& x) {
   constexpr float kLog2e = 1.44269502f, kLn2Hi = 0.693145751953125f, kLn2Lo = 1.42860677e-06f;
@@ -341,8 +341,6 @@ LSR_FLATTEN void gradient_row(
     const scalar_t* z, scalar_t* out, const scalar_t* next_row, int64_t C, int64_t y, const acc_t* w, double lse,
     double p, double r, double t) {
   using Vec = Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
-  const int64_t C_vec = C - C % V;
   const bool subtract = r != 0;  // no r * w at r = 0 (eps = 0, SparseLSR, an ignored row)
   auto scalar = [&](int64_t j) {
     const double g = p * std::exp(static_cast<double>(z[j]) - lse);
@@ -432,9 +430,7 @@ template <typename scalar_t, typename acc_t>
 LSR_FLATTEN double onepass_row(
     scalar_t* z, acc_t* e, const scalar_t* next_row, int64_t y, const acc_t* w, double s, const Params& P) {
   using Vec = Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
   const int64_t C = P.num_classes;
-  const int64_t C_vec = C - C % V;
   const bool need_dot = !P.sparse && P.smoothing > 0;
   const double w_y = w ? static_cast<double>(w[y]) : 1.0;
 

@@ -4,6 +4,8 @@ Per size (float32, smoothing 0.1, all threads), side by side in one run:
 - the floor `torch.exp(z, out=buf)`: read S, write S, one exp per logit;
 - `lsr.fused.cpu.forward_gradient` (the C++ kernel), exact and SparseLSR: loss and gradient over the logits
   in one call (the whole forward+backward of the one-pass mode, less its O(N) algebra);
+- the two-pass kernels alone: `row_stats` (the forward's read) and `gradient` written over the
+  logits (the in-place backward);
 - the existing fused exact loss with `inplace_backward=True`, forward+backward (two passes).
 Each call is timed alone with perf_counter; the logits it overwrites are restored from a copy
 outside the timed region. Variants are interleaved over rounds (a shared machine drifts); figures
@@ -60,6 +62,16 @@ def variants(
 
         return call
 
+    # The two-pass kernels' per-row inputs: any finite values do the same work
+    lse, _ = cpp.row_stats(logits, target, None, False)
+    p, r, t = scale, scale * SMOOTHING / n_cols, -scale * (1 - SMOOTHING)
+
+    def row_stats():
+        return cpp.row_stats(work, target, None, False)
+
+    def gradient_inplace():
+        return cpp.gradient(work, target, None, lse, p, r, t, out=work)
+
     def fused_inplace():
         loss = fused_label_smoothing(z_inplace, target, SMOOTHING, "mean", inplace_backward=True)
         return torch.autograd.grad(loss, z_inplace)
@@ -71,6 +83,8 @@ def variants(
         FLOOR: (restore, floor),
         "onepass exact (C++)": (restore, onepass(False, "cpp")),
         "onepass sparse (C++)": (restore, onepass(True, "cpp")),
+        "row_stats (C++)": (restore, row_stats),
+        "gradient in place (C++)": (restore, gradient_inplace),
         "fused-exact inplace fwd+bwd": (restore_inplace, fused_inplace),
     }
     if fallback:

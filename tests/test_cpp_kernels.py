@@ -290,6 +290,7 @@ def check_runs_on_two_threads():
         n_rows = 8 * (1 << 16) // n_classes  # 8 of the kernels' parallel tasks (about 64K logits each)
         logits, target, _, scale = random_case(torch.float32, n_rows, n_classes, weighted=False)
         lse, _ = cpp.row_stats(logits, target, None, False)
+        valid, one = torch.ones(n_rows, dtype=torch.bool), torch.ones(())
         ops = {
             "row_stats": lambda: cpp.row_stats(logits, target, None, True),
             "gradient": lambda: cpp.gradient(
@@ -299,6 +300,14 @@ def check_runs_on_two_threads():
                 logits, target, None, lse, scale, scale, scale, out=logits
             ),
             "forward_gradient": lambda: cpp.forward_gradient(logits, target, None, scale, 0.1, False),
+            "loss_forward": lambda: cpp.loss_forward(logits, target, valid, None, 0.1, False, "mean"),
+            "loss_backward": lambda: cpp.loss_backward(
+                logits, target, None, lse, scale, scale, scale, 0.1, one, torch.empty_like(logits)
+            ),
+            "loss_backward in place": lambda: cpp.loss_backward(
+                logits, target, None, lse, scale, scale, scale, 0.1, one, logits
+            ),
+            "onepass_loss": lambda: cpp.onepass_loss(logits, target, valid, None, 0.1, True, "sum"),
         }
         for name, run in ops.items():
             run()
@@ -341,8 +350,8 @@ def test_the_thread_check_catches_a_build_without_openmp(tmp_path):
 @pytest.mark.parametrize("one_pass", [False, True], ids=["two-pass", "one-pass"])
 def test_the_ops_run_inside_a_compiled_model(sparse, one_pass):
     """Linear -> fused loss under torch.compile(fullgraph=True): the C++ ops are nodes of the
-    compiled graphs (called in inductor's code: row_stats forward and gradient backward, or the
-    one-pass op writing into the logits' buffer), and three SGD steps match eager float64
+    compiled graphs (called in inductor's code: loss_forward forward and loss_backward backward, or
+    the one-pass op writing into the logits' buffer), and three SGD steps match eager float64
     F.cross_entropy / equation 15."""
     from torch._inductor.utils import run_and_get_code
 
@@ -375,10 +384,10 @@ def test_the_ops_run_inside_a_compiled_model(sparse, one_pass):
         if i == 0:
             loss, (forward_code, backward_code) = run_and_get_code(step)
             if one_pass:
-                assert "torch.ops.lsr_fused.forward_gradient" in forward_code
+                assert "torch.ops.lsr_fused.onepass_loss" in forward_code
             else:
-                assert "torch.ops.lsr_fused.row_stats" in forward_code
-                assert "torch.ops.lsr_fused.gradient" in backward_code
+                assert "torch.ops.lsr_fused.loss_forward" in forward_code
+                assert "torch.ops.lsr_fused.loss_backward" in backward_code
         else:
             loss = step()
         expected = 0.5 * reference(model64(inputs.double()), target, 0.1)

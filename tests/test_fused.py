@@ -232,6 +232,24 @@ def check_nan_rows_for_bad_targets(fn, ref, logits, target):
     torch.testing.assert_close(x.grad[~bad].double(), expected_grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["cpp"], indirect=True)
+@pytest.mark.parametrize("inplace", [False, True], ids=["new-memory", "inplace"])
+def test_out_of_range_target_on_the_cpp_kernels_gives_nan_rows(backend, inplace):
+    """On the C++ kernels a target outside [0, C) is never read either: its row is NaN, loss and gradient."""
+    logits, target = random_problem((6, 5), seed=30)
+    target[1], target[4] = 5, -3
+    for fn, ref in (
+        (fused_label_smoothing, exact_reference),
+        (fused_sparse_label_smoothing, sparse_reference),
+    ):
+        check_nan_rows_for_bad_targets(
+            lambda z, y, fn=fn: fn(z * 1, y, 0.1, "none", validate_targets=False, inplace_backward=inplace),
+            ref,
+            logits,
+            target,
+        )
+
+
 def test_out_of_range_target_inside_torch_compile_gives_nan_rows():
     """No host read inside a compiled region: the row's loss and gradient are NaN, the others exact."""
     logits, target = random_problem((6, 5), seed=30)

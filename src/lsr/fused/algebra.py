@@ -28,9 +28,14 @@ over the mean's denominator; 0 for an ignored row).
 
 What `F.cross_entropy` does at the edges, these do too: a mean whose targets' weights sum to 0 is
 NaN, gradient included (0/0); at eps = 0 a masked class (z_j = -inf) adds nothing (no 0 * inf).
-A target outside [0, C), which only a caller skipping validation can pass, is never read: the CPU
-passes run eagerly raise (`cpu.py`); elsewhere the row's loss and gradient are NaN (s = NaN), with
-nothing read back on the host.
+A target outside [0, C), which only a caller skipping validation can pass, is never read: the
+plain-PyTorch CPU passes run eagerly raise (`cpu.py`); elsewhere the row's loss and gradient are NaN
+(s = NaN), with nothing read back on the host.
+
+On CPU, where the C++ kernels run, a forward or backward is one call (csrc/fused.cpp's
+`loss_forward`, `loss_backward`, `onepass_loss`): the algebra below in C++ (`row_coefficients`) around
+the sweeps, since as ~40 small torch ops between passes it cost more than a pass over a few million
+logits.
 
 The one-pass mode (gradient_in_forward=True). The forward pass knows each row's upstream gradient
 s for a backward of 1 before it reads the logits (1/denominator for "mean", 1 for "sum" and "none",

@@ -1,8 +1,11 @@
 """The autograd Functions of the fused losses: the two-pass one (statistics forward, gradient
-backward) and the one-pass one (gradient_in_forward=True: the gradient written in the forward pass).
+backward) and the one-pass one (gradient_in_forward=True: the gradient written in the forward pass),
+each as passes with the per-row algebra in PyTorch between them, and on CPU where the C++ kernels
+run, as one C++ call per forward and per backward (`Cpp*`; `passes.whole_in_cpp` decides).
 
-Both take (M, C) contiguous logits and targets already laid out as rows (`lsr._common.as_rows`); the
-math is in `algebra.py`, the passes over the logits in `passes.py`.
+All take (M, C) contiguous logits and targets already laid out as rows (`lsr._common.as_rows`); the
+math is in `algebra.py` (and, for the C++ calls, in csrc/fused.cpp's `row_coefficients`), the passes
+over the logits in `passes.py`.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from lsr._common import compute_dtype
-from lsr.fused import passes
+from lsr.fused import cpp, passes
 from lsr.fused.algebra import in_range, mean_denominator, reduce_from_stats, reduce_rows, row_upstream
 
 _ALTERNATIVE = "use lsr.native_label_smoothing (F.cross_entropy) or lsr.dense_label_smoothing there"
@@ -96,3 +99,48 @@ class FusedOnePassFunction(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         upstream = grad_output.reshape(-1) if ctx.reduction == "none" else grad_output
         return passes.scale_by_upstream(grad, upstream), None, None, None, None, None, None, None
+
+
+def _check_backward(ctx) -> None:
+    if torch.is_grad_enabled():  # create_graph=True: the caller would differentiate the gradient
+        raise RuntimeError(NO_DOUBLE_BACKWARD)
+
+
+class CppLabelSmoothingFunction(torch.autograd.Function):
+    """FusedLabelSmoothingFunction in one C++ call each way (`cpp.loss_forward`, `cpp.loss_backward`):
+    the same arguments, the same results; saves lse, alpha, tau and each row's share per row."""
+
+    @staticmethod
+    def forward(ctx, logits, target, valid, weight, smoothing, sparse, reduction, out_shape, inplace):
+        loss, lse, alpha, tau, share = cpp.loss_forward(
+            logits, target, valid, weight, smoothing, sparse, reduction
+        )
+        ctx.save_for_backward(logits, target, weight, lse, alpha, tau, share)
+        ctx.gamma = 0.0 if sparse else smoothing / logits.shape[1]
+        ctx.inplace = inplace
+        return _shaped(loss, reduction, out_shape).to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        _check_backward(ctx)
+        logits, target, weight, lse, alpha, tau, share = ctx.saved_tensors
+        out = logits if ctx.inplace else torch.empty_like(logits)
+        cpp.loss_backward(logits, target, weight, lse, alpha, tau, share, ctx.gamma, grad_output, out)
+        return out, None, None, None, None, None, None, None, None
+
+
+class CppOnePassFunction(torch.autograd.Function):
+    """FusedOnePassFunction in one C++ call (`cpp.onepass_loss`): the same arguments and contract."""
+
+    @staticmethod
+    def forward(ctx, logits, target, valid, weight, smoothing, sparse, reduction, out_shape):
+        loss = cpp.onepass_loss(logits, target, valid, weight, smoothing, sparse, reduction)
+        ctx.save_for_backward(logits)  # the gradient now; autograd checks nothing wrote it since
+        ctx.reduction, ctx.used = reduction, False
+        return _shaped(loss, reduction, out_shape).to(logits.dtype)
+
+    backward = FusedOnePassFunction.backward
+
+
+def _shaped(loss: torch.Tensor, reduction: str, out_shape) -> torch.Tensor:
+    return loss.reshape(out_shape) if reduction == "none" else loss

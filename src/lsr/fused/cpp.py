@@ -123,6 +123,21 @@ def _register_fake() -> None:
     def _(logits, target, weight, scale, smoothing, sparse, paper_eps):
         return per_row(logits)
 
+    def reduced(logits, reduction):
+        return per_row(logits) if reduction == "none" else per_row(logits).new_empty(())
+
+    @torch.library.register_fake("lsr_fused::loss_forward")
+    def _(logits, target, valid, weight, smoothing, sparse, reduction, paper_eps):
+        return reduced(logits, reduction), per_row(logits), per_row(logits), per_row(logits), per_row(logits)
+
+    @torch.library.register_fake("lsr_fused::loss_backward")
+    def _(logits, target, weight, lse, alpha, tau, share, gamma, grad_output, out):
+        return None
+
+    @torch.library.register_fake("lsr_fused::onepass_loss")
+    def _(logits, target, valid, weight, smoothing, sparse, reduction, paper_eps):
+        return reduced(logits, reduction)
+
 
 @functools.cache
 def extension():
@@ -213,6 +228,55 @@ def forward_gradient(logits, target, weight, scale, smoothing: float, sparse: bo
     )
     torch.autograd.graph.increment_version(logits)  # as in `gradient`
     return row_loss
+
+
+def loss_forward(logits, target, valid, weight, smoothing: float, sparse: bool, reduction: str):
+    """The two-pass forward in one call: the loss (0-d, or (M,) row losses for "none") and, per row,
+    lse, alpha, tau and the row's share of a backward of 1, which `loss_backward` reads. `target`
+    has ignored rows as class 0 and `valid` False there (`lsr._common.Rows`)."""
+    return _ops().loss_forward(logits, *_loss_args(target, valid, weight, smoothing, sparse, reduction))
+
+
+def loss_backward(logits, target, weight, lse, alpha, tau, share, gamma: float, grad_output, out):
+    """The two-pass backward in one call: the gradient for `grad_output` written into `out` (which
+    may be the logits)."""
+    _ops().loss_backward(
+        logits,
+        target.contiguous(),
+        _contiguous(weight),
+        lse,
+        alpha,
+        tau,
+        share,
+        float(gamma),
+        grad_output,
+        out,
+    )
+    torch.autograd.graph.increment_version(out)  # as in `gradient`
+    return out
+
+
+def onepass_loss(
+    logits, target, valid, weight, smoothing: float, sparse: bool, reduction: str
+) -> torch.Tensor:
+    """The one-pass forward in one call: the loss as `loss_forward` gives it; the gradient for a
+    backward of 1 written over the logits."""
+    loss = _ops().onepass_loss(logits, *_loss_args(target, valid, weight, smoothing, sparse, reduction))
+    torch.autograd.graph.increment_version(logits)  # as in `gradient`
+    return loss
+
+
+def _loss_args(target, valid, weight, smoothing, sparse, reduction) -> tuple:
+    """What `loss_forward` and `onepass_loss` take after the logits, as their schemas type it."""
+    return (
+        target.contiguous(),
+        valid.contiguous(),
+        _contiguous(weight),
+        float(smoothing),
+        bool(sparse),
+        reduction,
+        PAPER_EPS,
+    )
 
 
 def sweep_exp(x: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,14 @@ from lsr._common import (
     check_weight,
     compute_dtype,
 )
-from lsr.fused import cpu
-from lsr.fused.autograd import NO_FORWARD_AD, FusedLabelSmoothingFunction, FusedOnePassFunction
+from lsr.fused import cpu, passes
+from lsr.fused.autograd import (
+    NO_FORWARD_AD,
+    CppLabelSmoothingFunction,
+    CppOnePassFunction,
+    FusedLabelSmoothingFunction,
+    FusedOnePassFunction,
+)
 
 # --- functional API ------------------------------------------------------------------------------------
 
@@ -71,12 +77,13 @@ def _fused(
             raise ValueError("weight must not require grad: the fused losses give no gradient for it")
         weight = weight.to(compute_dtype(rows.logits.dtype)).contiguous()
     logits = rows.logits.contiguous()  # a view for (N, C) input; (N, C, d1, ...) is already a copy
+    in_cpp = passes.whole_in_cpp(logits)
     # Without a backward to come, the two-pass Function runs: the logits are only read, as by default
     if gradient_in_forward and needs_grad:
-        return FusedOnePassFunction.apply(
+        return (CppOnePassFunction if in_cpp else FusedOnePassFunction).apply(
             logits, rows.safe_target, rows.valid, weight, smoothing, sparse, reduction, rows.out_shape
         )
-    return FusedLabelSmoothingFunction.apply(
+    return (CppLabelSmoothingFunction if in_cpp else FusedLabelSmoothingFunction).apply(
         logits,
         rows.safe_target,
         rows.valid,
@@ -122,9 +129,9 @@ def fused_label_smoothing(
             become its own gradient. Only (C) and (N, C) inputs with contiguous rows are overwritten;
             other layouts are copied into rows first, and the copy is overwritten.
         validate_targets: check targets are in [0, C); default: on CPU only (no host sync on GPU).
-            Unchecked, a target outside [0, C) is never read: it raises on the CPU paths run
-            eagerly, and makes its row's loss and gradient NaN where raising would need a host read
-            (the Triton kernels, inside `torch.compile`).
+            Unchecked, a target outside [0, C) is never read: it raises on the plain-PyTorch CPU
+            paths run eagerly, and makes its row's loss and gradient NaN on the C++ and Triton
+            kernels and inside `torch.compile`.
         gradient_in_forward: the one-pass mode (docs/fused.md). The forward pass computes the
             gradient for an upstream gradient of 1 and writes it over the logits (one read of the
             logits instead of two, nothing N x C allocated); backward returns that memory, scaled by

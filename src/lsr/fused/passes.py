@@ -31,6 +31,12 @@ def _uses_triton(logits: torch.Tensor) -> bool:
     return logits.device.type == "cpu" and cpu.cpu_backend(logits.numel()) == "triton"
 
 
+def whole_in_cpp(logits: torch.Tensor) -> bool:
+    """Whether a forward or backward over these logits is one call of the C++ kernels (CPU, where
+    they run), the per-row algebra included."""
+    return logits.device.type == "cpu" and cpu.cpu_backend(logits.numel()) == "cpp"
+
+
 def _kernels():
     from lsr.fused import triton_kernels  # imports Triton: only here, when a kernel is needed
 

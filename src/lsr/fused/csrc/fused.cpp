@@ -27,12 +27,15 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <optional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -310,15 +313,21 @@ LSR_FLATTEN double exp_sum(
   return sum + at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, tail);
 }
 
-// One row's statistics: lse, and dot (exact) or 1 - p_y (sparse, from the non-target terms). Half
-// logits are widened once where `wide` (a float32 row buffer) is given, by step 1, and step 2 reads
-// it: widening them again cost 10% of row_stats (bfloat16, 4096 x 10000). Null for float and double,
-// and for rows longer than kWideRowMax.
+// One row's sums, from one read: m, S = sum_j exp(z_j - m), the non-target part of S (SparseLSR:
+// summed on its own, so that 1 - p_y keeps its digits; exact smoothing: S - e_y, unused), e_y, z_y and
+// dot (where need_dot). Half logits are widened once where `wide` (a float32 row buffer) is given, by
+// step 1, and step 2 reads it: widening them again cost 10% of row_stats (bfloat16, 4096 x 10000).
+// Null for float and double, and for rows longer than kWideRowMax.
+struct RowSums {
+  double m, total, non_target, e_y, z_y, dot;
+};
+
 template <typename scalar_t, typename acc_t>
-std::pair<double, double> stats_row(
-    const scalar_t* z, const scalar_t* next_row, int64_t y, const acc_t* w, const Params& P, acc_t* wide) {
+RowSums sums_row(
+    const scalar_t* z, const scalar_t* next_row, int64_t y, const acc_t* w, const Params& P, bool need_dot,
+    acc_t* wide) {
   const int64_t C = P.num_classes;
-  const MaxDot r = max_and_dot<scalar_t, acc_t>(z, C, w, !P.sparse, wide);
+  const MaxDot r = max_and_dot<scalar_t, acc_t>(z, C, w, need_dot, wide);
   double m = r.max;
   const bool finite = !(std::isnan(m) || m == kInf);
   if (m == -kInf) m = 0;  // a row of -inf only: lse = -inf, not NaN
@@ -327,10 +336,14 @@ std::pair<double, double> stats_row(
     if (wide != nullptr) return exp_sum<false, acc_t, acc_t, scalar_t>(wide, nullptr, C, m, excluded, next_row);
     return exp_sum<false, scalar_t, acc_t, scalar_t>(z, nullptr, C, m, excluded, next_row);
   };
-  if (!P.sparse) return {m + std::log(sum_exp(-1)), r.dot};
+  const double z_y = static_cast<double>(z[y]);
+  const double e_y = std::exp(z_y - m);
+  if (!P.sparse) {
+    const double total = sum_exp(-1);
+    return {m, total, total - e_y, e_y, z_y, r.dot};
+  }
   const double non_target = sum_exp(y);
-  const double total = non_target + std::exp(static_cast<double>(z[y]) - m);
-  return {m + std::log(total), non_target / total};
+  return {m, non_target + e_y, non_target, e_y, z_y, r.dot};
 }
 
 // --- gradient --------------------------------------------------------------------------------------------
@@ -364,12 +377,13 @@ LSR_FLATTEN void gradient_row(
 
 struct RowCoefficients {
   double loss;   // the unscaled row loss
-  double alpha;  // g_j = alpha e_j - gamma w_j off the target column ...
+  double alpha;  // g_k = alpha p_k - gamma w_k off the target column (p_k = e_k / S) ...
   double gamma;
-  double g_y;    // ... and g_y on it
+  double g_y;    // ... and g_y on it; all three times s
 };
 
-// The per-row algebra (O(1)) from m, S (all terms), S_nt (non-target terms), e_y, z_y, dot.
+// The per-row algebra of lsr/fused/algebra.py (O(1)), for a row's upstream gradient s, from its sums
+// (m, S, the non-target part of S, e_y, z_y, dot): the one source of it that every C++ mode shares.
 inline RowCoefficients row_coefficients(
     const Params& P, double s, double m, double total, double non_target, double e_y, double z_y,
     double dot, double w_y) {
@@ -385,7 +399,7 @@ inline RowCoefficients row_coefficients(
     const double one_minus_p_y = non_target / total;
     r.loss = -a * (z_y - lse) - b * std::log((one_minus_p_y + P.paper_eps) / (C - 1));
     const double c = a - b * p_y / (one_minus_p_y + P.paper_eps);
-    r.alpha = s * c / total;
+    r.alpha = s * c;
     r.gamma = 0;
     r.g_y = -s * c * one_minus_p_y;
   } else {
@@ -396,7 +410,7 @@ inline RowCoefficients row_coefficients(
     if (eps > 0) {  // at eps = 0 a masked class (-inf) adds no 0 * inf
       r.loss -= eps / C * dot;
     }
-    r.alpha = s * A / total;
+    r.alpha = s * A;
     r.gamma = s * eps / C;
     r.g_y = s * (A * p_y - (1 - eps + eps / C) * w_y);
   }
@@ -418,7 +432,7 @@ double scalar_onepass_row(scalar_t* z, int64_t y, const acc_t* w, double s, doub
   }
   const RowCoefficients r = row_coefficients(P, s, m, total, total - e[y], e[y], z_y, r0.dot, w_y);
   for (int64_t j = 0; j < C; ++j) {
-    const double g = r.alpha * e[j] - r.gamma * (w ? static_cast<double>(w[j]) : 1.0);
+    const double g = r.alpha * e[j] / total - r.gamma * (w ? static_cast<double>(w[j]) : 1.0);
     z[j] = static_cast<scalar_t>(j == y ? r.g_y : g);
   }
   return r.loss;
@@ -446,7 +460,7 @@ LSR_FLATTEN double onepass_row(
   const RowCoefficients r = row_coefficients(P, s, m, total, sum, e_y, z_y, stats.dot, w_y);
 
   // 3. g_j = alpha e_j - gamma w_j over the logits
-  const Vec valpha(static_cast<acc_t>(r.alpha));
+  const Vec valpha(static_cast<acc_t>(r.alpha / total));
   const Vec vgamma(static_cast<acc_t>(r.gamma));
   const bool subtract = r.gamma != 0;  // skipped at eps = 0 (and s = 0): no 0 * w
   store_row<scalar_t, acc_t>(z, C, [&](int64_t j, int64_t count) {
@@ -560,13 +574,45 @@ std::tuple<at::Tensor, at::Tensor> row_stats(
       at::Tensor buffer = C <= kWideRowMax ? half_row_buffer<scalar_t, acc_t>(C, logits) : at::Tensor();
       acc_t* wide = buffer.defined() ? buffer.data_ptr<acc_t>() : nullptr;
       for (int64_t i = begin; i < end; ++i) {
-        const auto [row_lse, row_third] = stats_row<scalar_t, acc_t>(z + i * C, i + 1 < end ? z + (i + 1) * C : nullptr, t[i], w, P, wide);
-        lse_out[i] = static_cast<acc_t>(row_lse);
-        third_out[i] = static_cast<acc_t>(row_third);
+        const RowSums r = sums_row<scalar_t, acc_t>(z + i * C, i + 1 < end ? z + (i + 1) * C : nullptr, t[i], w, P, !sparse, wide);
+        lse_out[i] = static_cast<acc_t>(r.m + std::log(r.total));
+        third_out[i] = static_cast<acc_t>(sparse ? r.non_target / r.total : r.dot);
       }
     });
   });
   return {lse, third};
+}
+
+// Writes the gradient rows: out_k = p exp(z_k - lse) - r w_k, out_y = t, with (p, r, t) =
+// coefficients(i) for row i (the caller's, from saved per-row values).
+template <typename Coefficients>
+void gradient_rows(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                   const at::Tensor& lse, at::Tensor& out, Coefficients coefficients) {
+  const int64_t M = logits.size(0), C = logits.size(1);
+  g_threads_used = 0;
+  if (M == 0 || C == 0) return;
+  LSR_DISPATCH(logits, "gradient", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* z = logits.data_ptr<scalar_t>();
+    scalar_t* g = out.data_ptr<scalar_t>();
+    const int64_t* y = target.data_ptr<int64_t>();
+    const acc_t* w = weight_ptr<acc_t>(weight);
+    const acc_t* lse_in = lse.data_ptr<acc_t>();
+    parallel_rows(M, C, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const auto [p, r, t] = coefficients(i);
+        const int64_t y_i = y[i] >= 0 && y[i] < C ? y[i] : 0;  // a bad target's row is NaN (t), never read
+        gradient_row<scalar_t, acc_t>(z + i * C, g + i * C, i + 1 < end ? z + (i + 1) * C : nullptr, C, y_i, w,
+                                      lse_in[i], p, r, t);
+      }
+    });
+  });
+}
+
+void check_out(const at::Tensor& out, const at::Tensor& logits) {
+  TORCH_CHECK(out.sizes() == logits.sizes() && out.scalar_type() == logits.scalar_type() && out.is_contiguous() &&
+                  out.device().is_cpu(),
+              "gradient: out must be contiguous, of the logits' shape and dtype");
 }
 
 void gradient(
@@ -577,26 +623,44 @@ void gradient(
     check_per_row("gradient", name, *tensor, logits);
   }
   check_weight("gradient", weight, logits);
-  TORCH_CHECK(out.sizes() == logits.sizes() && out.scalar_type() == logits.scalar_type() && out.is_contiguous() &&
-                  out.device().is_cpu(),
-              "gradient: out must be contiguous, of the logits' shape and dtype");
+  check_out(out, logits);
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "gradient", [&] {
+    const scalar_t *p_in = p.data_ptr<scalar_t>(), *r_in = r.data_ptr<scalar_t>(), *t_in = t.data_ptr<scalar_t>();
+    gradient_rows(logits, target, weight, lse, out, [&](int64_t i) {
+      return std::tuple<double, double, double>{p_in[i], r_in[i], t_in[i]};
+    });
+  });
+}
+
+// The one-pass rows: row i's gradient for an upstream gradient of share(i) written over it, its
+// unscaled loss to loss_out[i].
+template <typename Share>
+void onepass_rows(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                  const Params& P, at::Tensor& loss_out, Share share) {
   const int64_t M = logits.size(0), C = logits.size(1);
   g_threads_used = 0;
   if (M == 0 || C == 0) return;
-  LSR_DISPATCH(logits, "gradient", [&] {
+  LSR_DISPATCH(logits, "forward_gradient", [&] {
     using acc_t = acc_type<scalar_t>;
-    const scalar_t* z = logits.data_ptr<scalar_t>();
-    scalar_t* g = out.data_ptr<scalar_t>();
-    const int64_t* y = target.data_ptr<int64_t>();
+    scalar_t* z = logits.data_ptr<scalar_t>();
+    const int64_t* t = target.data_ptr<int64_t>();
     const acc_t* w = weight_ptr<acc_t>(weight);
-    const acc_t *lse_in = lse.data_ptr<acc_t>(), *p_in = p.data_ptr<acc_t>();
-    const acc_t *r_in = r.data_ptr<acc_t>(), *t_in = t.data_ptr<acc_t>();
+    acc_t* loss = loss_out.data_ptr<acc_t>();
     parallel_rows(M, C, [&](int64_t begin, int64_t end) {
+      at::Tensor buffer = half_row_buffer<scalar_t, acc_t>(C, logits);  // the row of exp(z - m)
       for (int64_t i = begin; i < end; ++i) {
-        gradient_row<scalar_t, acc_t>(z + i * C, g + i * C, i + 1 < end ? z + (i + 1) * C : nullptr, C, y[i], w, lse_in[i], p_in[i], r_in[i], t_in[i]);
+        scalar_t* row = z + i * C;
+        acc_t* e = row_or_buffer<scalar_t, acc_t>(row, buffer);
+        const scalar_t* next_row = i + 1 < end ? row + C : nullptr;
+        const int64_t y_i = t[i] >= 0 && t[i] < C ? t[i] : 0;  // a bad target's share is NaN
+        loss[i] = static_cast<acc_t>(onepass_row<scalar_t, acc_t>(row, e, next_row, y_i, w, share(i), P));
       }
     });
   });
+}
+
+double weight_sum(const std::optional<at::Tensor>& weight) {
+  return weight.has_value() ? weight->sum(at::kDouble).item<double>() : 0.0;
 }
 
 at::Tensor forward_gradient(
@@ -604,33 +668,176 @@ at::Tensor forward_gradient(
     const at::Tensor& scale, double smoothing, bool sparse, double paper_eps) {
   check_rows("forward_gradient", logits, target);
   check_per_row("forward_gradient", "scale", scale, logits);
-  const int64_t M = logits.size(0), C = logits.size(1);
-  TORCH_CHECK(!sparse || C >= 2, "forward_gradient: SparseLSR needs at least 2 classes");
+  TORCH_CHECK(!sparse || logits.size(1) >= 2, "forward_gradient: SparseLSR needs at least 2 classes");
   check_weight("forward_gradient", weight, logits);
-  // W = sum_j w_j, which only the one-pass mode's exact row losses need
-  const double weight_sum = weight.has_value() ? weight->sum(at::kDouble).item<double>() : 0.0;
-  const Params P{C, smoothing, sparse, paper_eps, weight.has_value(), weight_sum};
-  at::Tensor row_loss = at::empty({M}, logits.options().dtype(acc_dtype_of(logits)));
+  const Params P{logits.size(1), smoothing, sparse, paper_eps, weight.has_value(), weight_sum(weight)};
+  at::Tensor row_loss = at::empty({logits.size(0)}, logits.options().dtype(acc_dtype_of(logits)));
+  AT_DISPATCH_FLOATING_TYPES(scale.scalar_type(), "forward_gradient", [&] {
+    const scalar_t* s = scale.data_ptr<scalar_t>();
+    onepass_rows(logits, target, weight, P, row_loss, [&](int64_t i) { return static_cast<double>(s[i]); });
+  });
+  return row_loss;
+}
+
+// --- the whole passes: what the autograd Functions run on CPU (lsr/fused/autograd.py) ------------------
+//
+// The per-row algebra in O(N) around the sweeps is here too, so that a forward or a backward is one
+// call: as ~40 small torch ops it cost 0.3-0.6 ms per call at N = 4096, more than a sweep over
+// 4096 x 1000 logits (docs/fused.md). Targets come as rows: `valid` says which are not ignore_index;
+// a target outside [0, C), which only a caller skipping validation passes, makes its row NaN.
+
+enum class Reduction { kNone, kMean, kSum };
+
+Reduction reduction_of(c10::string_view name) {
+  if (name == "none") return Reduction::kNone;
+  if (name == "mean") return Reduction::kMean;
+  TORCH_CHECK(name == "sum", "reduction must be 'mean', 'sum' or 'none', got '", std::string(name), "'");
+  return Reduction::kSum;
+}
+
+// Each row's share of a backward of 1 (algebra.row_upstream at grad_output 1): 0 for an ignored row,
+// NaN for a bad target, else 1, over the mean's denominator for "mean": the valid rows, weighted by
+// w_y (NaN when that is 0, as F.cross_entropy's 0/0).
+struct Shares {
+  Reduction reduction;
+  double denominator;  // 1 but for "mean"
+  const int64_t* target;
+  const bool* valid;
+  int64_t num_classes;
+  bool in_range(int64_t i) const { return target[i] >= 0 && target[i] < num_classes; }
+  double operator()(int64_t i) const {
+    if (!valid[i]) return 0.0;
+    return in_range(i) ? 1.0 / denominator : std::numeric_limits<double>::quiet_NaN();
+  }
+  // The row's loss as the reduction counts it: 0 ignored, NaN for a bad target
+  double masked(int64_t i, double loss) const {
+    if (!valid[i]) return 0.0;
+    return in_range(i) ? loss : std::numeric_limits<double>::quiet_NaN();
+  }
+};
+
+template <typename acc_t>
+Shares shares_of(const at::Tensor& target, const at::Tensor& valid, const acc_t* w, int64_t C, Reduction reduction) {
+  Shares shares{reduction, 1.0, target.data_ptr<int64_t>(), valid.data_ptr<bool>(), C};
+  if (reduction != Reduction::kMean) return shares;
+  double denominator = 0;
+  for (int64_t i = 0; i < target.size(0); ++i) {
+    if (shares.valid[i]) denominator += w ? static_cast<double>(w[shares.in_range(i) ? shares.target[i] : 0]) : 1.0;
+  }
+  shares.denominator = denominator == 0 ? std::numeric_limits<double>::quiet_NaN() : denominator;
+  return shares;
+}
+
+// The masked row losses, reduced: "none" keeps them, "sum" and "mean" add them in double.
+at::Tensor reduce_losses(at::Tensor row_loss, const Shares& shares) {
+  if (shares.reduction == Reduction::kNone) return row_loss;
+  const at::Tensor as_double = row_loss.to(at::kDouble);
+  const double* loss = as_double.data_ptr<double>();
+  double total = 0;
+  for (int64_t i = 0; i < row_loss.size(0); ++i) total += loss[i];
+  return at::scalar_tensor(total / shares.denominator, row_loss.options());
+}
+
+void check_whole(const char* op, const at::Tensor& logits, const at::Tensor& target, const at::Tensor& valid,
+                 const std::optional<at::Tensor>& weight, bool sparse) {
+  check_rows(op, logits, target);
+  TORCH_CHECK(valid.scalar_type() == at::kBool && valid.dim() == 1 && valid.size(0) == logits.size(0) &&
+                  valid.is_contiguous(),
+              op, ": valid must be (M,) contiguous bool");
+  TORCH_CHECK(logits.size(1) >= (sparse ? 2 : 1), op, ": too few classes (", logits.size(1), ")");
+  check_weight(op, weight, logits);
+}
+
+// The two-pass forward: the loss, and per row lse, alpha, tau (g_y) and the share, which the backward reads.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_forward(
+    const at::Tensor& logits, const at::Tensor& target, const at::Tensor& valid,
+    const std::optional<at::Tensor>& weight, double smoothing, bool sparse, c10::string_view reduction,
+    double paper_eps) {
+  check_whole("loss_forward", logits, target, valid, weight, sparse);
+  const int64_t M = logits.size(0), C = logits.size(1);
+  const Params P{C, smoothing, sparse, paper_eps, weight.has_value(), weight_sum(weight)};
+  const auto acc = logits.options().dtype(acc_dtype_of(logits));
+  at::Tensor row_loss = at::empty({M}, acc), lse = at::empty({M}, acc), alpha = at::empty({M}, acc);
+  at::Tensor tau = at::empty({M}, acc), share = at::empty({M}, acc);
   g_threads_used = 0;
-  if (M == 0 || C == 0) return row_loss;
-  LSR_DISPATCH(logits, "forward_gradient", [&] {
+  std::optional<Shares> shares;
+  LSR_DISPATCH(logits, "loss_forward", [&] {
     using acc_t = acc_type<scalar_t>;
-    scalar_t* z = logits.data_ptr<scalar_t>();
-    const int64_t* t = target.data_ptr<int64_t>();
+    const scalar_t* z = logits.data_ptr<scalar_t>();
     const acc_t* w = weight_ptr<acc_t>(weight);
-    const acc_t* s = scale.data_ptr<acc_t>();
-    acc_t* loss = row_loss.data_ptr<acc_t>();
+    shares = shares_of<acc_t>(target, valid, w, C, reduction_of(reduction));
+    acc_t *loss_out = row_loss.data_ptr<acc_t>(), *lse_out = lse.data_ptr<acc_t>();
+    acc_t *alpha_out = alpha.data_ptr<acc_t>(), *tau_out = tau.data_ptr<acc_t>(), *share_out = share.data_ptr<acc_t>();
+    const bool need_dot = !sparse && smoothing > 0;  // at eps = 0 a masked class (-inf) adds no 0 * inf
+    if (M == 0) return;
     parallel_rows(M, C, [&](int64_t begin, int64_t end) {
-      at::Tensor buffer = half_row_buffer<scalar_t, acc_t>(C, logits);  // the row of exp(z - m)
+      at::Tensor buffer = C <= kWideRowMax ? half_row_buffer<scalar_t, acc_t>(C, logits) : at::Tensor();
+      acc_t* wide = buffer.defined() ? buffer.data_ptr<acc_t>() : nullptr;
       for (int64_t i = begin; i < end; ++i) {
-        scalar_t* row = z + i * C;
-        acc_t* e = row_or_buffer<scalar_t, acc_t>(row, buffer);
-        const scalar_t* next_row = i + 1 < end ? row + C : nullptr;
-        loss[i] = static_cast<acc_t>(onepass_row<scalar_t, acc_t>(row, e, next_row, t[i], w, static_cast<double>(s[i]), P));
+        const int64_t y = shares->in_range(i) ? shares->target[i] : 0;
+        const RowSums r = sums_row<scalar_t, acc_t>(z + i * C, i + 1 < end ? z + (i + 1) * C : nullptr, y, w, P,
+                                                    need_dot, wide);
+        const double w_y = w ? static_cast<double>(w[y]) : 1.0;
+        const RowCoefficients c = row_coefficients(P, 1.0, r.m, r.total, r.non_target, r.e_y, r.z_y, r.dot, w_y);
+        loss_out[i] = static_cast<acc_t>(shares->masked(i, c.loss));
+        lse_out[i] = static_cast<acc_t>(r.m + std::log(r.total));
+        alpha_out[i] = static_cast<acc_t>(c.alpha);
+        tau_out[i] = static_cast<acc_t>(c.g_y);
+        share_out[i] = static_cast<acc_t>((*shares)(i));
       }
     });
   });
-  return row_loss;
+  return {reduce_losses(row_loss, *shares), lse, alpha, tau, share};
+}
+
+// The two-pass backward: the gradient for upstream gradient `grad_output` (0-d, or one per row for
+// "none") into `out` (new memory, or the logits): row i's s = share_i grad_output_i scales
+// (alpha, gamma, tau).
+void loss_backward(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    const at::Tensor& lse, const at::Tensor& alpha, const at::Tensor& tau, const at::Tensor& share, double gamma,
+    const at::Tensor& grad_output, at::Tensor& out) {
+  check_rows("loss_backward", logits, target);
+  for (const auto& [name, tensor] : {std::pair{"lse", &lse}, {"alpha", &alpha}, {"tau", &tau}, {"share", &share}}) {
+    check_per_row("loss_backward", name, *tensor, logits);
+  }
+  check_weight("loss_backward", weight, logits);
+  check_out(out, logits);
+  const int64_t M = logits.size(0);
+  TORCH_CHECK(grad_output.dim() == 0 || grad_output.numel() == M,
+              "loss_backward: grad_output must be 0-d or one per row");
+  const at::Tensor upstream = grad_output.to(at::kDouble).reshape({-1}).contiguous();
+  const double* g = upstream.data_ptr<double>();
+  const bool per_row = grad_output.dim() > 0;
+  LSR_DISPATCH(logits, "loss_backward", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const acc_t *a = alpha.data_ptr<acc_t>(), *t = tau.data_ptr<acc_t>(), *sh = share.data_ptr<acc_t>();
+    gradient_rows(logits, target, weight, lse, out, [&](int64_t i) {
+      const double s = static_cast<double>(sh[i]) * g[per_row ? i : 0];
+      return std::tuple{s * static_cast<double>(a[i]), s * gamma, s * static_cast<double>(t[i])};
+    });
+  });
+}
+
+// The one-pass forward: the loss; the gradient for a backward of 1 written over the logits.
+at::Tensor onepass_loss(
+    const at::Tensor& logits, const at::Tensor& target, const at::Tensor& valid,
+    const std::optional<at::Tensor>& weight, double smoothing, bool sparse, c10::string_view reduction,
+    double paper_eps) {
+  check_whole("onepass_loss", logits, target, valid, weight, sparse);
+  const int64_t M = logits.size(0), C = logits.size(1);
+  const Params P{C, smoothing, sparse, paper_eps, weight.has_value(), weight_sum(weight)};
+  at::Tensor row_loss = at::empty({M}, logits.options().dtype(acc_dtype_of(logits)));
+  std::optional<Shares> shares;
+  AT_DISPATCH_FLOATING_TYPES(row_loss.scalar_type(), "onepass_loss", [&] {
+    shares = shares_of<scalar_t>(target, valid, weight_ptr<scalar_t>(weight), C, reduction_of(reduction));
+  });
+  onepass_rows(logits, target, weight, P, row_loss, [&](int64_t i) { return (*shares)(i); });
+  AT_DISPATCH_FLOATING_TYPES(row_loss.scalar_type(), "onepass_loss", [&] {
+    scalar_t* loss = row_loss.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < M; ++i) loss[i] = static_cast<scalar_t>(shares->masked(i, loss[i]));
+  });
+  return reduce_losses(row_loss, *shares);
 }
 
 int64_t threads_used() {
@@ -668,6 +875,15 @@ TORCH_LIBRARY(lsr_fused, m) {
   m.def(
       "forward_gradient(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor scale, float smoothing, "
       "bool sparse, float paper_eps) -> Tensor");
+  m.def(
+      "loss_forward(Tensor logits, Tensor target, Tensor valid, Tensor? weight, float smoothing, bool sparse, "
+      "str reduction, float paper_eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "loss_backward(Tensor logits, Tensor target, Tensor? weight, Tensor lse, Tensor alpha, Tensor tau, "
+      "Tensor share, float gamma, Tensor grad_output, Tensor(a!) out) -> ()");
+  m.def(
+      "onepass_loss(Tensor(a!) logits, Tensor target, Tensor valid, Tensor? weight, float smoothing, bool sparse, "
+      "str reduction, float paper_eps) -> Tensor");
   m.def("threads_used() -> int", &threads_used);
   m.def("sweep_exp(Tensor x) -> Tensor");
 }
@@ -676,5 +892,8 @@ TORCH_LIBRARY_IMPL(lsr_fused, CPU, m) {
   m.impl("row_stats", &row_stats);
   m.impl("gradient", &gradient);
   m.impl("forward_gradient", &forward_gradient);
+  m.impl("loss_forward", &loss_forward);
+  m.impl("loss_backward", &loss_backward);
+  m.impl("onepass_loss", &onepass_loss);
   m.impl("sweep_exp", &sweep_exp);
 }

@@ -100,6 +100,25 @@ def check_targets(target: torch.Tensor, num_classes: int, ignore_index: int) -> 
         )
 
 
+def row_layout(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int,
+    *,
+    min_classes: int = 1,
+    validate_targets: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
+    """`check_input`, then the logits as (M, C) rows, class dimension last, the targets as (M,) int64,
+    and the shape reduction="none" returns."""
+    input, target, out_shape = check_input(
+        input, target, ignore_index, min_classes=min_classes, validate_targets=validate_targets
+    )
+    num_classes = input.shape[1]
+    # A view for (N, C) input; (N, C, d1, ...) is copied once into rows, as F.cross_entropy does.
+    logits = input.movedim(1, -1).reshape(-1, num_classes) if input.dim() > 2 else input
+    return logits, target.reshape(-1).long(), out_shape
+
+
 def as_rows(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -108,17 +127,13 @@ def as_rows(
     min_classes: int = 1,
     validate_targets: bool | None = None,
 ) -> Rows:
-    """`check_input`, then lay the logits out as (M, C) rows, class dimension last."""
-    input, target, out_shape = check_input(
+    """`row_layout`, with the rows' masks."""
+    logits, target, out_shape = row_layout(
         input, target, ignore_index, min_classes=min_classes, validate_targets=validate_targets
     )
-    num_classes = input.shape[1]
-    # A view for (N, C) input; (N, C, d1, ...) is copied once into rows, as F.cross_entropy does.
-    logits = input.movedim(1, -1).reshape(-1, num_classes) if input.dim() > 2 else input
-    target = target.reshape(-1).long()
     valid = target != ignore_index
     safe_target = torch.where(valid, target, torch.zeros_like(target))
-    return Rows(logits, target, valid, safe_target, out_shape, num_classes)
+    return Rows(logits, target, valid, safe_target, out_shape, logits.shape[1])
 
 
 def check_weight(weight: torch.Tensor | None, num_classes: int, device: torch.device) -> None:

@@ -91,14 +91,20 @@ class FusedOnePassFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        if torch.is_grad_enabled():  # create_graph=True: the caller would differentiate the gradient
-            raise RuntimeError(NO_DOUBLE_BACKWARD)
-        if ctx.used:  # the first backward scaled and handed on the gradient
-            raise RuntimeError(_ONE_BACKWARD)
-        ctx.used = True
-        (grad,) = ctx.saved_tensors
-        upstream = grad_output.reshape(-1) if ctx.reduction == "none" else grad_output
-        return passes.scale_by_upstream(grad, upstream), None, None, None, None, None, None, None
+        return _onepass_gradient(ctx, grad_output), None, None, None, None, None, None, None
+
+
+def _onepass_gradient(ctx, grad_output):
+    """The one-pass backward: the gradient the forward pass left in the logits, scaled where the
+    upstream gradient is not 1."""
+    if torch.is_grad_enabled():  # create_graph=True: the caller would differentiate the gradient
+        raise RuntimeError(NO_DOUBLE_BACKWARD)
+    if ctx.used:  # the first backward scaled and handed on the gradient
+        raise RuntimeError(_ONE_BACKWARD)
+    ctx.used = True
+    (grad,) = ctx.saved_tensors
+    upstream = grad_output.reshape(-1) if ctx.reduction == "none" else grad_output
+    return passes.scale_by_upstream(grad, upstream)
 
 
 def _check_backward(ctx) -> None:
@@ -108,39 +114,49 @@ def _check_backward(ctx) -> None:
 
 class CppLabelSmoothingFunction(torch.autograd.Function):
     """FusedLabelSmoothingFunction in one C++ call each way (`cpp.loss_forward`, `cpp.loss_backward`):
-    the same arguments, the same results; saves lse, alpha, tau and each row's share per row."""
+    the same results, from targets as given (ignore_index and the range check done in C++);
+    saves lse, alpha, tau and each row's share per row.
+
+    Non-tensor arguments: smoothing, sparse, reduction, ignore_index, validate (raise for a target
+    outside [0, C), else its row is NaN), out_shape and inplace.
+    """
 
     @staticmethod
-    def forward(ctx, logits, target, valid, weight, smoothing, sparse, reduction, out_shape, inplace):
+    def forward(
+        ctx, logits, target, weight, smoothing, sparse, reduction, ignore_index, validate, out_shape, inplace
+    ):
         loss, lse, alpha, tau, share = cpp.loss_forward(
-            logits, target, valid, weight, smoothing, sparse, reduction
+            logits, target, weight, smoothing, sparse, reduction, ignore_index, validate
         )
         ctx.save_for_backward(logits, target, weight, lse, alpha, tau, share)
         ctx.gamma = 0.0 if sparse else smoothing / logits.shape[1]
         ctx.inplace = inplace
-        return _shaped(loss, reduction, out_shape).to(logits.dtype)
+        return loss.reshape(out_shape) if reduction == "none" else loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        _check_backward(ctx)
+        if torch.is_grad_enabled():
+            raise RuntimeError(NO_DOUBLE_BACKWARD)
         logits, target, weight, lse, alpha, tau, share = ctx.saved_tensors
         out = logits if ctx.inplace else torch.empty_like(logits)
         cpp.loss_backward(logits, target, weight, lse, alpha, tau, share, ctx.gamma, grad_output, out)
-        return out, None, None, None, None, None, None, None, None
+        return (out,) + (None,) * 9
 
 
 class CppOnePassFunction(torch.autograd.Function):
-    """FusedOnePassFunction in one C++ call (`cpp.onepass_loss`): the same arguments and contract."""
+    """FusedOnePassFunction in one C++ call (`cpp.onepass_loss`): the same contract, targets as
+    CppLabelSmoothingFunction takes them.
+
+    Non-tensor arguments: smoothing, sparse, reduction, ignore_index, validate and out_shape.
+    """
 
     @staticmethod
-    def forward(ctx, logits, target, valid, weight, smoothing, sparse, reduction, out_shape):
-        loss = cpp.onepass_loss(logits, target, valid, weight, smoothing, sparse, reduction)
+    def forward(ctx, logits, target, weight, smoothing, sparse, reduction, ignore_index, validate, out_shape):
+        loss = cpp.onepass_loss(logits, target, weight, smoothing, sparse, reduction, ignore_index, validate)
         ctx.save_for_backward(logits)  # the gradient now; autograd checks nothing wrote it since
         ctx.reduction, ctx.used = reduction, False
-        return _shaped(loss, reduction, out_shape).to(logits.dtype)
+        return loss.reshape(out_shape) if reduction == "none" else loss
 
-    backward = FusedOnePassFunction.backward
-
-
-def _shaped(loss: torch.Tensor, reduction: str, out_shape) -> torch.Tensor:
-    return loss.reshape(out_shape) if reduction == "none" else loss
+    @staticmethod
+    def backward(ctx, grad_output):
+        return (_onepass_gradient(ctx, grad_output),) + (None,) * 8

@@ -123,11 +123,12 @@ def _register_fake() -> None:
     def _(logits, target, weight, scale, smoothing, sparse, paper_eps):
         return per_row(logits)
 
-    def reduced(logits, reduction):
-        return per_row(logits) if reduction == "none" else per_row(logits).new_empty(())
+    def reduced(logits, reduction):  # in the logits' dtype
+        shape = (logits.shape[0],) if reduction == "none" else ()
+        return logits.new_empty(shape)
 
     @torch.library.register_fake("lsr_fused::loss_forward")
-    def _(logits, target, valid, weight, smoothing, sparse, reduction, paper_eps):
+    def _(logits, target, weight, smoothing, sparse, reduction, ignore_index, validate, paper_eps):
         return reduced(logits, reduction), per_row(logits), per_row(logits), per_row(logits), per_row(logits)
 
     @torch.library.register_fake("lsr_fused::loss_backward")
@@ -135,7 +136,7 @@ def _register_fake() -> None:
         return None
 
     @torch.library.register_fake("lsr_fused::onepass_loss")
-    def _(logits, target, valid, weight, smoothing, sparse, reduction, paper_eps):
+    def _(logits, target, weight, smoothing, sparse, reduction, ignore_index, validate, paper_eps):
         return reduced(logits, reduction)
 
 
@@ -230,11 +231,15 @@ def forward_gradient(logits, target, weight, scale, smoothing: float, sparse: bo
     return row_loss
 
 
-def loss_forward(logits, target, valid, weight, smoothing: float, sparse: bool, reduction: str):
-    """The two-pass forward in one call: the loss (0-d, or (M,) row losses for "none") and, per row,
-    lse, alpha, tau and the row's share of a backward of 1, which `loss_backward` reads. `target`
-    has ignored rows as class 0 and `valid` False there (`lsr._common.Rows`)."""
-    return _ops().loss_forward(logits, *_loss_args(target, valid, weight, smoothing, sparse, reduction))
+def loss_forward(
+    logits, target, weight, smoothing: float, sparse: bool, reduction: str, ignore_index: int, validate: bool
+):
+    """The two-pass forward in one call: the loss in the logits' dtype (0-d, or (M,) row losses for
+    "none") and, per row, lse, alpha, tau and the row's share of a backward of 1, which
+    `loss_backward` reads. (M,) int64 targets as given: ignore_index or a class; with `validate`
+    any other value raises ValueError, without it makes its row NaN."""
+    args = _loss_args(target, weight, smoothing, sparse, reduction, ignore_index, validate)
+    return _ops().loss_forward(logits, *args)
 
 
 def loss_backward(logits, target, weight, lse, alpha, tau, share, gamma: float, grad_output, out):
@@ -257,24 +262,26 @@ def loss_backward(logits, target, weight, lse, alpha, tau, share, gamma: float, 
 
 
 def onepass_loss(
-    logits, target, valid, weight, smoothing: float, sparse: bool, reduction: str
+    logits, target, weight, smoothing: float, sparse: bool, reduction: str, ignore_index: int, validate: bool
 ) -> torch.Tensor:
     """The one-pass forward in one call: the loss as `loss_forward` gives it; the gradient for a
     backward of 1 written over the logits."""
-    loss = _ops().onepass_loss(logits, *_loss_args(target, valid, weight, smoothing, sparse, reduction))
+    args = _loss_args(target, weight, smoothing, sparse, reduction, ignore_index, validate)
+    loss = _ops().onepass_loss(logits, *args)
     torch.autograd.graph.increment_version(logits)  # as in `gradient`
     return loss
 
 
-def _loss_args(target, valid, weight, smoothing, sparse, reduction) -> tuple:
+def _loss_args(target, weight, smoothing, sparse, reduction, ignore_index, validate) -> tuple:
     """What `loss_forward` and `onepass_loss` take after the logits, as their schemas type it."""
     return (
         target.contiguous(),
-        valid.contiguous(),
         _contiguous(weight),
         float(smoothing),
         bool(sparse),
         reduction,
+        int(ignore_index),
+        bool(validate),
         PAPER_EPS,
     )
 

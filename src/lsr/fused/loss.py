@@ -15,6 +15,7 @@ from lsr._common import (
     check_smoothing,
     check_weight,
     compute_dtype,
+    row_layout,
 )
 from lsr.fused import cpu, passes
 from lsr.fused.autograd import (
@@ -51,8 +52,19 @@ def _fused(
     smoothing, reduction = check_smoothing(smoothing), check_reduction(reduction)
     if gradient_in_forward and inplace_backward:
         _fused_options_conflict()
-    rows = as_rows(input, target, ignore_index, min_classes=2 if sparse else 1, validate_targets=validate)
-    check_weight(weight, rows.num_classes, rows.logits.device)
+    min_classes = 2 if sparse else 1
+    # On the C++ kernels the targets are checked in C++ as they are read: no torch ops here, each of
+    # which costs tens of microseconds after a sweep that emptied the caches (docs/fused.md)
+    in_cpp = isinstance(input, torch.Tensor) and passes.whole_in_cpp(input)
+    if in_cpp:
+        logits, target, out_shape = row_layout(
+            input, target, ignore_index, min_classes=min_classes, validate_targets=False
+        )
+        validate = validate is None or validate  # None: check on CPU, where the C++ kernels run
+    else:
+        rows = as_rows(input, target, ignore_index, min_classes=min_classes, validate_targets=validate)
+        logits, out_shape = rows.logits, rows.out_shape
+    check_weight(weight, logits.shape[1], logits.device)
     # Checked here, not by a jvp method, which Dynamo cannot trace; torch.func would fail later anyway,
     # with a message about setup_context
     if not torch.compiler.is_compiling() and (
@@ -75,25 +87,19 @@ def _fused(
     if weight is not None:
         if weight.requires_grad:
             raise ValueError("weight must not require grad: the fused losses give no gradient for it")
-        weight = weight.to(compute_dtype(rows.logits.dtype)).contiguous()
-    logits = rows.logits.contiguous()  # a view for (N, C) input; (N, C, d1, ...) is already a copy
-    in_cpp = passes.whole_in_cpp(logits)
+        weight = weight.to(compute_dtype(logits.dtype)).contiguous()
+    logits = logits.contiguous()  # a view for (N, C) input; (N, C, d1, ...) is already a copy
     # Without a backward to come, the two-pass Function runs: the logits are only read, as by default
-    if gradient_in_forward and needs_grad:
-        return (CppOnePassFunction if in_cpp else FusedOnePassFunction).apply(
-            logits, rows.safe_target, rows.valid, weight, smoothing, sparse, reduction, rows.out_shape
-        )
-    return (CppLabelSmoothingFunction if in_cpp else FusedLabelSmoothingFunction).apply(
-        logits,
-        rows.safe_target,
-        rows.valid,
-        weight,
-        smoothing,
-        sparse,
-        reduction,
-        rows.out_shape,
-        bool(inplace_backward),
-    )
+    one_pass = gradient_in_forward and needs_grad
+    if in_cpp:
+        args = (logits, target, weight, smoothing, sparse, reduction, ignore_index, validate, out_shape)
+        if one_pass:
+            return CppOnePassFunction.apply(*args)
+        return CppLabelSmoothingFunction.apply(*args, bool(inplace_backward))
+    args = (logits, rows.safe_target, rows.valid, weight, smoothing, sparse, reduction, out_shape)
+    if one_pass:
+        return FusedOnePassFunction.apply(*args)
+    return FusedLabelSmoothingFunction.apply(*args, bool(inplace_backward))
 
 
 def fused_label_smoothing(

@@ -30,6 +30,10 @@
 #include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -506,6 +510,24 @@ at::Tensor half_row_buffer(int64_t C, const at::Tensor& logits) {
 constexpr int kMaxRecordedThreads = 1024;
 std::atomic<int64_t> g_threads_used{0};
 
+// Flush-to-zero and denormals-are-zero while a task sweeps its rows, the thread's previous mode
+// restored after. Without them every exp whose result is below float32's smallest normal number
+// (z - m < -87.3: a row's padded tail lanes and SparseLSR's excluded target, both -inf, once per
+// row; masked classes) took a microcode assist: perf put half of the one-pass kernel's time at
+// 4096 x 8 on that one instruction. What they change: values below 1.2e-38 (float32; 2.2e-308 in
+// double) become 0, far below anything a loss or gradient resolves.
+class FlushDenormals {
+ public:
+#if defined(__SSE__)
+  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | kFlushBits); }
+  ~FlushDenormals() { _mm_setcsr(saved_); }
+
+ private:
+  static constexpr unsigned kFlushBits = 0x8040;  // FTZ (bit 15) and DAZ (bit 6) of MXCSR
+  unsigned saved_;
+#endif
+};
+
 // Runs body(begin, end) over row ranges on torch's intra-op threads, recording which threads ran.
 template <typename Body>
 void parallel_rows(int64_t M, int64_t C, Body body) {
@@ -514,6 +536,7 @@ void parallel_rows(int64_t M, int64_t C, Body body) {
   std::vector<std::atomic<bool>> seen(kMaxRecordedThreads);
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
     seen[std::min(at::get_thread_num(), kMaxRecordedThreads - 1)].store(true, std::memory_order_relaxed);
+    const FlushDenormals flush;
     body(begin, end);
   });
   g_threads_used = std::count_if(seen.begin(), seen.end(), [](const auto& b) { return b.load(); });
@@ -681,91 +704,101 @@ at::Tensor forward_gradient(
 
 // --- the whole passes: what the autograd Functions run on CPU (lsr/fused/autograd.py) ------------------
 //
-// The per-row algebra in O(N) around the sweeps is here too, so that a forward or a backward is one
-// call: as ~40 small torch ops it cost 0.3-0.6 ms per call at N = 4096, more than a sweep over
-// 4096 x 1000 logits (docs/fused.md). Targets come as rows: `valid` says which are not ignore_index;
-// a target outside [0, C), which only a caller skipping validation passes, makes its row NaN.
+// A forward or a backward is one call: the per-row algebra and the O(N) work around the sweeps (the
+// targets' check, ignore_index, the mean's denominator, the reduction) are here too. As ~40 small
+// torch ops they cost 0.3-0.6 ms per call at N = 4096, each slower for following a sweep that
+// emptied the caches: more than the sweep itself at 4096 x 1000 (docs/fused.md). A target outside
+// [0, C) raises where `validate`, else makes its row NaN (it is never read).
 
 enum class Reduction { kNone, kMean, kSum };
 
 Reduction reduction_of(c10::string_view name) {
   if (name == "none") return Reduction::kNone;
   if (name == "mean") return Reduction::kMean;
-  TORCH_CHECK(name == "sum", "reduction must be 'mean', 'sum' or 'none', got '", std::string(name), "'");
+  TORCH_CHECK_VALUE(name == "sum", "reduction must be 'mean', 'sum' or 'none', got '", std::string(name), "'");
   return Reduction::kSum;
 }
 
-// Each row's share of a backward of 1 (algebra.row_upstream at grad_output 1): 0 for an ignored row,
-// NaN for a bad target, else 1, over the mean's denominator for "mean": the valid rows, weighted by
-// w_y (NaN when that is 0, as F.cross_entropy's 0/0).
-struct Shares {
+// The rows' targets, and each row's share of a backward of 1 (algebra.row_upstream at grad_output 1):
+// 0 for an ignored row, NaN for a bad target, else 1, over the mean's denominator for "mean": the
+// valid rows, weighted by w_y (NaN when that is 0, as F.cross_entropy's 0/0).
+struct Rows {
+  const int64_t* target;
+  int64_t num_classes;
+  int64_t ignore_index;
   Reduction reduction;
   double denominator;  // 1 but for "mean"
-  const int64_t* target;
-  const bool* valid;
-  int64_t num_classes;
+
+  bool valid(int64_t i) const { return target[i] != ignore_index; }
   bool in_range(int64_t i) const { return target[i] >= 0 && target[i] < num_classes; }
-  double operator()(int64_t i) const {
-    if (!valid[i]) return 0.0;
+  int64_t safe_target(int64_t i) const { return in_range(i) ? target[i] : 0; }  // the class a row reads
+  double share(int64_t i) const {
+    if (!valid(i)) return 0.0;
     return in_range(i) ? 1.0 / denominator : std::numeric_limits<double>::quiet_NaN();
   }
   // The row's loss as the reduction counts it: 0 ignored, NaN for a bad target
   double masked(int64_t i, double loss) const {
-    if (!valid[i]) return 0.0;
+    if (!valid(i)) return 0.0;
     return in_range(i) ? loss : std::numeric_limits<double>::quiet_NaN();
   }
 };
 
 template <typename acc_t>
-Shares shares_of(const at::Tensor& target, const at::Tensor& valid, const acc_t* w, int64_t C, Reduction reduction) {
-  Shares shares{reduction, 1.0, target.data_ptr<int64_t>(), valid.data_ptr<bool>(), C};
-  if (reduction != Reduction::kMean) return shares;
-  double denominator = 0;
-  for (int64_t i = 0; i < target.size(0); ++i) {
-    if (shares.valid[i]) denominator += w ? static_cast<double>(w[shares.in_range(i) ? shares.target[i] : 0]) : 1.0;
+Rows rows_of(const at::Tensor& target, int64_t C, int64_t ignore_index, bool validate, const acc_t* w,
+             Reduction reduction) {
+  Rows rows{target.data_ptr<int64_t>(), C, ignore_index, reduction, 1.0};
+  const int64_t M = target.size(0);
+  for (int64_t i = 0; validate && i < M; ++i) {
+    TORCH_CHECK_VALUE(!rows.valid(i) || rows.in_range(i), "target value ", rows.target[i],
+                      " is out of range for C=", C, " classes: targets must be in [0, ", C,
+                      ") or equal ignore_index=", ignore_index);
   }
-  shares.denominator = denominator == 0 ? std::numeric_limits<double>::quiet_NaN() : denominator;
-  return shares;
+  if (reduction == Reduction::kMean) {
+    double denominator = 0;
+    for (int64_t i = 0; i < M; ++i) {
+      if (rows.valid(i)) denominator += w ? static_cast<double>(w[rows.safe_target(i)]) : 1.0;
+    }
+    rows.denominator = denominator == 0 ? std::numeric_limits<double>::quiet_NaN() : denominator;
+  }
+  return rows;
 }
 
-// The masked row losses, reduced: "none" keeps them, "sum" and "mean" add them in double.
-at::Tensor reduce_losses(at::Tensor row_loss, const Shares& shares) {
-  if (shares.reduction == Reduction::kNone) return row_loss;
+// The masked row losses, reduced, in the logits' dtype: "none" keeps them, "sum" and "mean" add
+// them in double.
+at::Tensor reduce_losses(const at::Tensor& row_loss, const Rows& rows, at::ScalarType out_dtype) {
+  if (rows.reduction == Reduction::kNone) return row_loss.to(out_dtype);
   const at::Tensor as_double = row_loss.to(at::kDouble);
   const double* loss = as_double.data_ptr<double>();
   double total = 0;
   for (int64_t i = 0; i < row_loss.size(0); ++i) total += loss[i];
-  return at::scalar_tensor(total / shares.denominator, row_loss.options());
+  return at::scalar_tensor(total / rows.denominator, row_loss.options().dtype(out_dtype));
 }
 
-void check_whole(const char* op, const at::Tensor& logits, const at::Tensor& target, const at::Tensor& valid,
+void check_whole(const char* op, const at::Tensor& logits, const at::Tensor& target,
                  const std::optional<at::Tensor>& weight, bool sparse) {
   check_rows(op, logits, target);
-  TORCH_CHECK(valid.scalar_type() == at::kBool && valid.dim() == 1 && valid.size(0) == logits.size(0) &&
-                  valid.is_contiguous(),
-              op, ": valid must be (M,) contiguous bool");
   TORCH_CHECK(logits.size(1) >= (sparse ? 2 : 1), op, ": too few classes (", logits.size(1), ")");
   check_weight(op, weight, logits);
 }
 
-// The two-pass forward: the loss, and per row lse, alpha, tau (g_y) and the share, which the backward reads.
+// The two-pass forward: the loss, and per row lse, alpha, tau (g_y) and the share, which the
+// backward reads.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_forward(
-    const at::Tensor& logits, const at::Tensor& target, const at::Tensor& valid,
-    const std::optional<at::Tensor>& weight, double smoothing, bool sparse, c10::string_view reduction,
-    double paper_eps) {
-  check_whole("loss_forward", logits, target, valid, weight, sparse);
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight, double smoothing,
+    bool sparse, c10::string_view reduction, int64_t ignore_index, bool validate, double paper_eps) {
+  check_whole("loss_forward", logits, target, weight, sparse);
   const int64_t M = logits.size(0), C = logits.size(1);
   const Params P{C, smoothing, sparse, paper_eps, weight.has_value(), weight_sum(weight)};
   const auto acc = logits.options().dtype(acc_dtype_of(logits));
   at::Tensor row_loss = at::empty({M}, acc), lse = at::empty({M}, acc), alpha = at::empty({M}, acc);
   at::Tensor tau = at::empty({M}, acc), share = at::empty({M}, acc);
   g_threads_used = 0;
-  std::optional<Shares> shares;
+  std::optional<Rows> rows;
   LSR_DISPATCH(logits, "loss_forward", [&] {
     using acc_t = acc_type<scalar_t>;
     const scalar_t* z = logits.data_ptr<scalar_t>();
     const acc_t* w = weight_ptr<acc_t>(weight);
-    shares = shares_of<acc_t>(target, valid, w, C, reduction_of(reduction));
+    rows = rows_of<acc_t>(target, C, ignore_index, validate, w, reduction_of(reduction));
     acc_t *loss_out = row_loss.data_ptr<acc_t>(), *lse_out = lse.data_ptr<acc_t>();
     acc_t *alpha_out = alpha.data_ptr<acc_t>(), *tau_out = tau.data_ptr<acc_t>(), *share_out = share.data_ptr<acc_t>();
     const bool need_dot = !sparse && smoothing > 0;  // at eps = 0 a masked class (-inf) adds no 0 * inf
@@ -774,20 +807,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_forw
       at::Tensor buffer = C <= kWideRowMax ? half_row_buffer<scalar_t, acc_t>(C, logits) : at::Tensor();
       acc_t* wide = buffer.defined() ? buffer.data_ptr<acc_t>() : nullptr;
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t y = shares->in_range(i) ? shares->target[i] : 0;
+        const int64_t y = rows->safe_target(i);
         const RowSums r = sums_row<scalar_t, acc_t>(z + i * C, i + 1 < end ? z + (i + 1) * C : nullptr, y, w, P,
                                                     need_dot, wide);
         const double w_y = w ? static_cast<double>(w[y]) : 1.0;
         const RowCoefficients c = row_coefficients(P, 1.0, r.m, r.total, r.non_target, r.e_y, r.z_y, r.dot, w_y);
-        loss_out[i] = static_cast<acc_t>(shares->masked(i, c.loss));
+        loss_out[i] = static_cast<acc_t>(rows->masked(i, c.loss));
         lse_out[i] = static_cast<acc_t>(r.m + std::log(r.total));
         alpha_out[i] = static_cast<acc_t>(c.alpha);
         tau_out[i] = static_cast<acc_t>(c.g_y);
-        share_out[i] = static_cast<acc_t>((*shares)(i));
+        share_out[i] = static_cast<acc_t>(rows->share(i));
       }
     });
   });
-  return {reduce_losses(row_loss, *shares), lse, alpha, tau, share};
+  return {reduce_losses(row_loss, *rows, logits.scalar_type()), lse, alpha, tau, share};
 }
 
 // The two-pass backward: the gradient for upstream gradient `grad_output` (0-d, or one per row for
@@ -821,23 +854,22 @@ void loss_backward(
 
 // The one-pass forward: the loss; the gradient for a backward of 1 written over the logits.
 at::Tensor onepass_loss(
-    const at::Tensor& logits, const at::Tensor& target, const at::Tensor& valid,
-    const std::optional<at::Tensor>& weight, double smoothing, bool sparse, c10::string_view reduction,
-    double paper_eps) {
-  check_whole("onepass_loss", logits, target, valid, weight, sparse);
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight, double smoothing,
+    bool sparse, c10::string_view reduction, int64_t ignore_index, bool validate, double paper_eps) {
+  check_whole("onepass_loss", logits, target, weight, sparse);
   const int64_t M = logits.size(0), C = logits.size(1);
   const Params P{C, smoothing, sparse, paper_eps, weight.has_value(), weight_sum(weight)};
   at::Tensor row_loss = at::empty({M}, logits.options().dtype(acc_dtype_of(logits)));
-  std::optional<Shares> shares;
+  std::optional<Rows> rows;
   AT_DISPATCH_FLOATING_TYPES(row_loss.scalar_type(), "onepass_loss", [&] {
-    shares = shares_of<scalar_t>(target, valid, weight_ptr<scalar_t>(weight), C, reduction_of(reduction));
+    rows = rows_of<scalar_t>(target, C, ignore_index, validate, weight_ptr<scalar_t>(weight), reduction_of(reduction));
   });
-  onepass_rows(logits, target, weight, P, row_loss, [&](int64_t i) { return (*shares)(i); });
+  onepass_rows(logits, target, weight, P, row_loss, [&](int64_t i) { return rows->share(i); });
   AT_DISPATCH_FLOATING_TYPES(row_loss.scalar_type(), "onepass_loss", [&] {
     scalar_t* loss = row_loss.data_ptr<scalar_t>();
-    for (int64_t i = 0; i < M; ++i) loss[i] = static_cast<scalar_t>(shares->masked(i, loss[i]));
+    for (int64_t i = 0; i < M; ++i) loss[i] = static_cast<scalar_t>(rows->masked(i, loss[i]));
   });
-  return reduce_losses(row_loss, *shares);
+  return reduce_losses(row_loss, *rows, logits.scalar_type());
 }
 
 int64_t threads_used() {
@@ -876,14 +908,14 @@ TORCH_LIBRARY(lsr_fused, m) {
       "forward_gradient(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor scale, float smoothing, "
       "bool sparse, float paper_eps) -> Tensor");
   m.def(
-      "loss_forward(Tensor logits, Tensor target, Tensor valid, Tensor? weight, float smoothing, bool sparse, "
-      "str reduction, float paper_eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "loss_forward(Tensor logits, Tensor target, Tensor? weight, float smoothing, bool sparse, str reduction, "
+      "int ignore_index, bool validate, float paper_eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "loss_backward(Tensor logits, Tensor target, Tensor? weight, Tensor lse, Tensor alpha, Tensor tau, "
       "Tensor share, float gamma, Tensor grad_output, Tensor(a!) out) -> ()");
   m.def(
-      "onepass_loss(Tensor(a!) logits, Tensor target, Tensor valid, Tensor? weight, float smoothing, bool sparse, "
-      "str reduction, float paper_eps) -> Tensor");
+      "onepass_loss(Tensor(a!) logits, Tensor target, Tensor? weight, float smoothing, bool sparse, str reduction, "
+      "int ignore_index, bool validate, float paper_eps) -> Tensor");
   m.def("threads_used() -> int", &threads_used);
   m.def("sweep_exp(Tensor x) -> Tensor");
 }

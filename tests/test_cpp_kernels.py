@@ -320,11 +320,16 @@ def check_runs_on_two_threads():
 def test_the_kernels_leave_the_threads_denormal_mode_as_they_found_it():
     """The sweeps flush denormals to zero (an exp below float32's smallest normal took a microcode
     assist) and restore each thread's mode after: a denormal survives arithmetic on every thread."""
-    logits, target, _, scale = random_case(torch.float32, 512, 1000, weighted=False)
-    cpp.forward_gradient(logits, target, None, scale, 0.1, False)
-    assert cpp.threads_used() == torch.get_num_threads()
-    tiny = torch.full((1 << 20,), 1e-39) * 1.0  # run on every intra-op thread
-    assert tiny.ne(0).all()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        logits, target, _, scale = random_case(torch.float32, 512, 1000, weighted=False)
+        cpp.forward_gradient(logits, target, None, scale, 0.1, False)
+        assert cpp.threads_used() == 2
+        tiny = torch.full((1 << 20,), 1e-39) * 1.0  # run on both intra-op threads
+        assert tiny.ne(0).all()
+    finally:
+        torch.set_num_threads(threads)
 
 
 @CPP

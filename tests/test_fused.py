@@ -250,6 +250,20 @@ def test_out_of_range_target_on_the_cpp_kernels_gives_nan_rows(backend, inplace)
         )
 
 
+@pytest.mark.parametrize("backend", ["cpp", "eager"], indirect=True)
+def test_ignored_rows_get_no_gradient_whatever_their_upstream_gradient(backend):
+    """An ignored row's gradient is 0 even where its upstream gradient is inf (as F.cross_entropy's)."""
+    logits, target = random_problem((5, 7), seed=32)
+    target[2] = -100
+    upstream = torch.ones(5)
+    upstream[2] = float("inf")
+    for inplace in (False, True):
+        x = logits.clone().requires_grad_(True)
+        loss = fused_label_smoothing(x * 1, target, 0.1, "none", inplace_backward=inplace)
+        loss.backward(upstream)
+        assert torch.equal(x.grad[2], torch.zeros(7)) and x.grad.isfinite().all()
+
+
 def test_out_of_range_target_inside_torch_compile_gives_nan_rows():
     """No host read inside a compiled region: the row's loss and gradient are NaN, the others exact."""
     logits, target = random_problem((6, 5), seed=30)

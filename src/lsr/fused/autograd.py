@@ -3,7 +3,8 @@ backward) and the one-pass one (gradient_in_forward=True: the gradient written i
 each as passes with the per-row algebra in PyTorch between them, and on CPU where the C++ kernels
 run, as one C++ call per forward and per backward (`Cpp*`; `passes.whole_in_cpp` decides).
 
-All take (M, C) contiguous logits and targets already laid out as rows (`lsr._common.as_rows`); the
+All take (M, C) contiguous logits and targets laid out as rows (`lsr._common.as_rows`; the `Cpp*`
+ones `row_layout`'s targets as given); the
 math is in `algebra.py` (and, for the C++ calls, in csrc/fused.cpp's `row_coefficients`), the passes
 over the logits in `passes.py`.
 """
@@ -105,11 +106,6 @@ def _onepass_gradient(ctx, grad_output):
     (grad,) = ctx.saved_tensors
     upstream = grad_output.reshape(-1) if ctx.reduction == "none" else grad_output
     return passes.scale_by_upstream(grad, upstream)
-
-
-def _check_backward(ctx) -> None:
-    if torch.is_grad_enabled():  # create_graph=True: the caller would differentiate the gradient
-        raise RuntimeError(NO_DOUBLE_BACKWARD)
 
 
 class CppLabelSmoothingFunction(torch.autograd.Function):

@@ -197,7 +197,8 @@ def _ops():
     return ops
 
 
-# --- entry points: (M, C) contiguous CPU logits, (M,) int64 targets in [0, C) (the caller validates),
+# --- entry points: (M, C) contiguous CPU logits, (M,) int64 targets (in [0, C) for the per-pass ops,
+# as given for the whole-pass ones, which check them),
 # weights (C,) or None and per-row values in the compute dtype (float32 for half logits) -------------
 
 

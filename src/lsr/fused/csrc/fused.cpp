@@ -6,6 +6,11 @@
 //   forward_gradient  the one-pass mode: one read, one write over the logits -> row losses, and the
 //                     gradient written over the logits
 //
+// and what the losses call, a whole forward or backward with its O(N) algebra (at the end of the file):
+//   loss_forward      row_stats' sweep, then the loss and per-row lse, alpha, tau and share
+//   loss_backward     gradient's sweep, scaled by the upstream gradient
+//   onepass_loss      forward_gradient's sweep, then the loss
+//
 // The math is in lsr/fused/algebra.py; this file orders it for the cache. A row (40 KB at C = 10000
 // float32) is swept while it stays in L2, so only its first read and last write go to memory:
 //   1. the max m (and dot = sum_j w_j z_j for exact smoothing with eps > 0);
@@ -377,7 +382,7 @@ LSR_FLATTEN void gradient_row(
   out[y] = static_cast<scalar_t>(t);
 }
 
-// --- forward_gradient (the one-pass mode) ----------------------------------------------------------------
+// --- the per-row algebra, and forward_gradient (the one-pass mode) ----------------------------------------------------------------
 
 struct RowCoefficients {
   double loss;   // the unscaled row loss
@@ -463,7 +468,7 @@ LSR_FLATTEN double onepass_row(
   const double total = P.sparse ? sum + e_y : sum;
   const RowCoefficients r = row_coefficients(P, s, m, total, sum, e_y, z_y, stats.dot, w_y);
 
-  // 3. g_j = alpha e_j - gamma w_j over the logits
+  // 3. g_j = (alpha / S) e_j - gamma w_j over the logits
   const Vec valpha(static_cast<acc_t>(r.alpha / total));
   const Vec vgamma(static_cast<acc_t>(r.gamma));
   const bool subtract = r.gamma != 0;  // skipped at eps = 0 (and s = 0): no 0 * w
@@ -597,7 +602,8 @@ std::tuple<at::Tensor, at::Tensor> row_stats(
       at::Tensor buffer = C <= kWideRowMax ? half_row_buffer<scalar_t, acc_t>(C, logits) : at::Tensor();
       acc_t* wide = buffer.defined() ? buffer.data_ptr<acc_t>() : nullptr;
       for (int64_t i = begin; i < end; ++i) {
-        const RowSums r = sums_row<scalar_t, acc_t>(z + i * C, i + 1 < end ? z + (i + 1) * C : nullptr, t[i], w, P, !sparse, wide);
+        const int64_t y = t[i] >= 0 && t[i] < C ? t[i] : 0;  // never read out of bounds
+        const RowSums r = sums_row<scalar_t, acc_t>(z + i * C, i + 1 < end ? z + (i + 1) * C : nullptr, y, w, P, !sparse, wide);
         lse_out[i] = static_cast<acc_t>(r.m + std::log(r.total));
         third_out[i] = static_cast<acc_t>(sparse ? r.non_target / r.total : r.dot);
       }
@@ -632,10 +638,10 @@ void gradient_rows(const at::Tensor& logits, const at::Tensor& target, const std
   });
 }
 
-void check_out(const at::Tensor& out, const at::Tensor& logits) {
+void check_out(const char* op, const at::Tensor& out, const at::Tensor& logits) {
   TORCH_CHECK(out.sizes() == logits.sizes() && out.scalar_type() == logits.scalar_type() && out.is_contiguous() &&
                   out.device().is_cpu(),
-              "gradient: out must be contiguous, of the logits' shape and dtype");
+              op, ": out must be contiguous, of the logits' shape and dtype");
 }
 
 void gradient(
@@ -646,7 +652,7 @@ void gradient(
     check_per_row("gradient", name, *tensor, logits);
   }
   check_weight("gradient", weight, logits);
-  check_out(out, logits);
+  check_out("gradient", out, logits);
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "gradient", [&] {
     const scalar_t *p_in = p.data_ptr<scalar_t>(), *r_in = r.data_ptr<scalar_t>(), *t_in = t.data_ptr<scalar_t>();
     gradient_rows(logits, target, weight, lse, out, [&](int64_t i) {
@@ -835,7 +841,7 @@ void loss_backward(
     check_per_row("loss_backward", name, *tensor, logits);
   }
   check_weight("loss_backward", weight, logits);
-  check_out(out, logits);
+  check_out("loss_backward", out, logits);
   const int64_t M = logits.size(0);
   TORCH_CHECK(grad_output.dim() == 0 || grad_output.numel() == M,
               "loss_backward: grad_output must be 0-d or one per row");
@@ -846,7 +852,8 @@ void loss_backward(
     using acc_t = acc_type<scalar_t>;
     const acc_t *a = alpha.data_ptr<acc_t>(), *t = tau.data_ptr<acc_t>(), *sh = share.data_ptr<acc_t>();
     gradient_rows(logits, target, weight, lse, out, [&](int64_t i) {
-      const double s = static_cast<double>(sh[i]) * g[per_row ? i : 0];
+      // An ignored row's gradient is 0 whatever the upstream gradient (inf or NaN included), as in PyTorch
+      const double s = sh[i] == 0 ? 0.0 : static_cast<double>(sh[i]) * g[per_row ? i : 0];
       return std::tuple{s * static_cast<double>(a[i]), s * gamma, s * static_cast<double>(t[i])};
     });
   });

@@ -4,9 +4,8 @@ each as passes with the per-row algebra in PyTorch between them, and on CPU wher
 run, as one C++ call per forward and per backward (`Cpp*`; `passes.whole_in_cpp` decides).
 
 All take (M, C) contiguous logits and targets laid out as rows (`lsr._common.as_rows`; the `Cpp*`
-ones `row_layout`'s targets as given); the
-math is in `algebra.py` (and, for the C++ calls, in csrc/fused.cpp's `row_coefficients`), the passes
-over the logits in `passes.py`.
+ones `row_layout`'s targets as given); the math is in `algebra.py` (and, for the C++ calls, in
+csrc/fused.cpp's `row_coefficients`), the passes over the logits in `passes.py`.
 """
 
 from __future__ import annotations
@@ -131,7 +130,7 @@ class CppLabelSmoothingFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled():  # create_graph=True: the caller would differentiate the gradient
             raise RuntimeError(NO_DOUBLE_BACKWARD)
         logits, target, weight, lse, alpha, tau, share = ctx.saved_tensors
         out = logits if ctx.inplace else torch.empty_like(logits)
